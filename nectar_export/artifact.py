@@ -34,8 +34,10 @@ class Artifact:
         return int(self.manifest["context"]["n"])
 
     @property
-    def sinks(self) -> int:
-        return int(self.manifest["context"]["sinks"])
+    def exact_tokens(self) -> tuple[int, int]:
+        """(sinks, window): context tokens kept as exact KV at the start and at the end."""
+        ctx = self.manifest["context"]
+        return int(ctx["sinks"]), int(ctx["window"])
 
 
 def pair_shape(pair: Pair) -> dict[str, Any]:
@@ -58,14 +60,20 @@ def _weights_file(variant: str) -> str:
     return WEIGHTS if variant == "nectar" else f"ablations/{variant}.safetensors"
 
 
+def check_output(out: Path) -> None:
+    """Refuse to replace anything but an empty folder or an earlier artifact (checked before any work)."""
+    out = out.expanduser()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise NectarError(f"{out} exists and is not a Nectar artifact; choose an empty or new -o folder")
+
+
 def save_artifact(out: Path, manifest: dict[str, Any], heads: dict[str, list[Pair]],
                   extra: dict[str, str] | None = None) -> None:
     """Write every variant's weights and the manifest into a temp folder, then move it into place."""
     from safetensors.torch import save_file
 
     out = out.expanduser()
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise NectarError(f"{out} exists and is not a Nectar artifact; choose an empty or new -o folder")
+    check_output(out)
     manifest = dict(manifest, format=FORMAT, code_version=__version__,
                     variants={v: {"file": _weights_file(v), "layers": [pair_shape(p) for p in pairs]}
                               for v, pairs in heads.items()})

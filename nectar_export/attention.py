@@ -36,6 +36,16 @@ def softmax_partial(scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.T
     return lse, weights @ values
 
 
+def _fused_cpu_partial(flat: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      scaling: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """PyTorch's tiled CPU flash-attention kernel, which also returns the log-sum-exp; None where absent."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or flat.device.type != "cpu" or flat.dtype != torch.float32 or flat.requires_grad:
+        return None
+    out, lse = op(flat.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), scale=scaling)[:2]
+    return lse[0], out[0]
+
+
 def exact_partial(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
                   chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of grouped queries over a shared KV set, streamed over the keys.
@@ -45,15 +55,19 @@ def exact_partial(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sca
     """
     B, Hkv, G, T, D = q.shape
     flat = q.permute(1, 0, 2, 3, 4).reshape(Hkv, B * G * T, D)               # [Hkv, N, D]
-    lse = torch.full((Hkv, B * G * T), float("-inf"), dtype=q.dtype, device=q.device)
-    out = torch.zeros((Hkv, B * G * T, values.shape[-1]), dtype=q.dtype, device=q.device)
-    for start in range(0, keys.shape[1], chunk):
-        k = keys[:, start:start + chunk]
-        v = values[:, start:start + chunk]
-        scores = torch.bmm(flat, k.transpose(1, 2)) * scaling                  # [Hkv, N, c]
-        lse, out = merge(lse, out, *softmax_partial(scores, v))
-    lse = lse.view(Hkv, B, G, T).permute(1, 0, 2, 3)
-    out = out.view(Hkv, B, G, T, -1).permute(1, 0, 2, 3, 4)
+    fused = _fused_cpu_partial(flat, keys, values, scaling) if keys.shape[1] > 0 else None
+    if fused is not None:
+        lse, out = fused
+    else:
+        lse = torch.full((Hkv, B * G * T), float("-inf"), dtype=q.dtype, device=q.device)
+        out = torch.zeros((Hkv, B * G * T, values.shape[-1]), dtype=q.dtype, device=q.device)
+        for start in range(0, keys.shape[1], chunk):
+            k = keys[:, start:start + chunk]
+            v = values[:, start:start + chunk]
+            scores = torch.bmm(flat, k.transpose(1, 2)) * scaling              # [Hkv, N, c]
+            lse, out = merge(lse, out, *softmax_partial(scores, v))
+    lse = lse.reshape(Hkv, B, G, T).permute(1, 0, 2, 3)
+    out = out.reshape(Hkv, B, G, T, -1).permute(1, 0, 2, 3, 4)
     return lse, out
 
 

@@ -51,6 +51,8 @@ def main() -> None:
 @click.option("--allocation", type=click.Choice(["adaptive", "uniform"]), default="adaptive", show_default=True)
 @click.option("--family", type=click.Choice(["mlp", "quadrature"]), default="mlp", show_default=True)
 @click.option("--sinks", type=int, default=4, show_default=True, help="First context tokens kept as exact KV.")
+@click.option("--window", type=int, default=None,
+              help="Last context tokens kept as exact KV [default: an eighth of the budget, 64 at n=4096].")
 @click.option("--epochs", type=int, default=None, help="Maximum epochs per layer (early stopping may end sooner).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--ablations/--no-ablations", default=True, show_default=True,

@@ -1,5 +1,10 @@
-"""Query collection: run the model with exact attention over the context and record, per layer and
-KV-head, each new token's query with the exact partials the heads must reproduce."""
+"""Query collection and targets.
+
+collect(): run the model with exact attention over the whole context and record, per layer, each new
+token's post-RoPE query and its exact attention partial over the new tokens (the part that stays
+exact at inference). targets(): split the context into exact tokens (sinks, recent window) and the
+modeled rest, and compute each query's exact partials over both, streamed over the cache.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +14,28 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from nectar_export.attention import ContextAttention, ExactContext, forward, merge, nectar_mode
+from nectar_export.attention import ContextAttention, ExactContext, exact_partial, forward, merge, nectar_mode
 from nectar_export.prefill import ContextCache
 from nectar_export.queries import Sample
 
 
 @dataclass
+class Queries:
+    """One layer's recorded queries (N = tokens * query heads per KV-head) and their new-token partial."""
+
+    q: torch.Tensor          # [Hkv, N, D]
+    new_lse: torch.Tensor    # [Hkv, N]
+    new_out: torch.Tensor    # [Hkv, N, D]
+
+
+@dataclass
 class LayerData:
-    """One layer's training data, all KV-heads at once (N = tokens * query heads per KV-head)."""
+    """One layer's training data, all KV-heads at once."""
 
     q: torch.Tensor           # [Hkv, N, D] post-RoPE queries
-    ctx_lse: torch.Tensor     # [Hkv, N]    log-normalizer over the modeled context (sinks excluded)
+    ctx_lse: torch.Tensor     # [Hkv, N]    log-normalizer over the modeled context
     ctx_out: torch.Tensor     # [Hkv, N, D] attention output over the modeled context
-    rest_lse: torch.Tensor    # [Hkv, N]    log-normalizer over sinks + new tokens (exact at inference)
+    rest_lse: torch.Tensor    # [Hkv, N]    log-normalizer over exact tokens (sinks, window) + new tokens
     rest_out: torch.Tensor    # [Hkv, N, D]
 
     @property
@@ -38,39 +52,35 @@ class LayerData:
 
 
 class RecordingContext(ContextAttention):
-    """Exact attention over sinks + modeled context that keeps what it saw for the valid tokens."""
+    """Exact attention over the whole context that keeps queries and new-token partials of valid tokens."""
 
-    def __init__(self, sinks: ExactContext | None, modeled: ExactContext):
-        self.sinks, self.modeled = sinks, modeled
+    def __init__(self, full: ExactContext):
+        self.full = full
         self.valid: torch.Tensor | None = None       # [B, T] bool, set before each batch
         self.parts: list[tuple[torch.Tensor, ...]] = []
 
     def attend(self, q: torch.Tensor, scaling: float, new_lse: torch.Tensor,
                new_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rest = (new_lse, new_out) if self.sinks is None else merge(*self.sinks.partial(q, scaling), new_lse, new_out)
-        ctx = self.modeled.partial(q, scaling)
-        keep = self.valid                                                   # [B, T]
+        keep = self.valid
 
         def pick(x: torch.Tensor) -> torch.Tensor:                          # [B, Hkv, G, T, ...] -> [Hkv, N, ...]
             x = x.movedim(3, 1)[keep]                                       # [N_tok, Hkv, G, ...]
             return x.transpose(0, 1).reshape(x.shape[1], -1, *x.shape[3:]).clone()
 
-        self.parts.append((pick(q), pick(ctx[0]), pick(ctx[1]), pick(rest[0]), pick(rest[1])))
-        return merge(*ctx, *rest)
+        self.parts.append((pick(q), pick(new_lse), pick(new_out)))
+        return merge(*self.full.partial(q, scaling), new_lse, new_out)
 
-    def data(self) -> LayerData:
-        return LayerData(*(torch.cat(p, dim=1) for p in zip(*self.parts)))
+    def queries(self) -> Queries:
+        return Queries(*(torch.cat(p, dim=1) for p in zip(*self.parts)))
 
 
 @torch.inference_mode()
-def collect(model: Any, cache: ContextCache, sinks: int, samples: Sequence[Sample], batch_size: int = 16,
-            desc: str = "queries") -> list[LayerData]:
-    """Teacher-force every sample after the context and return each layer's recorded queries and targets."""
+def collect(model: Any, cache: ContextCache, samples: Sequence[Sample], batch_size: int = 16,
+            desc: str = "queries") -> list[Queries]:
+    """Teacher-force every sample after the context (full attention) and return each layer's queries."""
     from transformers import DynamicCache
 
-    modeled = cache.exact(sinks)
-    heads = cache.exact(0, sinks) if sinks > 0 else [None] * len(modeled)
-    recorders = [RecordingContext(s, m) for s, m in zip(heads, modeled)]
+    recorders = [RecordingContext(full) for full in cache.exact()]
     order = sorted(samples, key=lambda s: len(s.ids))
     with nectar_mode(model, recorders):
         for i in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
@@ -82,4 +92,27 @@ def collect(model: Any, cache: ContextCache, sinks: int, samples: Sequence[Sampl
                 r.valid = valid
             positions = cache.n + torch.arange(width).unsqueeze(0).expand(len(batch), -1)
             forward(model, ids, positions, DynamicCache(config=model.config), logits_to_keep=1)
-    return [r.data() for r in recorders]
+    return [r.queries() for r in recorders]
+
+
+def _grouped(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0).unsqueeze(2)                                      # [H, N, D] -> [1, H, 1, N, D]
+
+
+@torch.inference_mode()
+def targets(queries: Sequence[Queries], cache: ContextCache, exact_index: torch.Tensor,
+            scaling: float, desc: str = "targets") -> list[LayerData]:
+    """Exact partials of every query over the modeled context and over exact tokens + new tokens."""
+    modeled = torch.ones(cache.n, dtype=torch.bool)
+    modeled[exact_index] = False
+    out = []
+    for layer, qs in enumerate(tqdm(queries, desc=desc, unit="layer")):
+        k, v = cache.keys[layer], cache.values[layer]
+        ctx_lse, ctx_out = exact_partial(_grouped(qs.q), k[:, modeled], v[:, modeled], scaling)
+        if len(exact_index):
+            ex_lse, ex_out = exact_partial(_grouped(qs.q), k[:, exact_index], v[:, exact_index], scaling)
+            rest = merge(ex_lse[0, :, 0], ex_out[0, :, 0], qs.new_lse, qs.new_out)
+        else:
+            rest = (qs.new_lse, qs.new_out)
+        out.append(LayerData(qs.q, ctx_lse[0, :, 0], ctx_out[0, :, 0], *rest))
+    return out

@@ -23,14 +23,15 @@ class FitConfig:
     allocation: str = "adaptive"
     family: str = "mlp"
     sinks: int = 4                    # first context tokens kept as exact KV
+    window: int | None = None         # last context tokens kept exact; None: an eighth of the budget
     reserve: int = 512                # new-token positions that must fit after the context
     seed: int = 0
     passage_tokens: int = 64
-    continuation: tuple[int, int, int] = (64, 8, 24)   # (train, validation, test) samples per source
+    continuation: tuple[int, int, int] = (128, 16, 32)   # (train, validation, test) samples per source
     repeat: tuple[int, int, int] = (24, 4, 12)
     self_study: tuple[int, int, int] = (64, 8, 24)
     answer_tokens: int = 64
-    epochs: int = 40
+    epochs: int = 24
     batch_size: int = 2048
     lr: float = 3e-3
     patience: int = 4
@@ -45,6 +46,10 @@ class FitConfig:
             raise NectarError(f"--budget must be a fraction in (0, 1), got {self.budget}")
         if self.context_tokens is not None and self.context_tokens < 16:
             raise NectarError(f"--context-tokens must be at least 16, got {self.context_tokens}")
+
+    def window_tokens(self, n: int) -> int:
+        """The exact recent window: as given, or by default 1/8 of the budget in token equivalents."""
+        return self.window if self.window is not None else round(self.budget * n / 8)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from nectar_export.artifact import Artifact, load_artifact, read_manifest, update_manifest
 from nectar_export.attention import ContextAttention, exact_partial, forward, nectar_mode
-from nectar_export.collect import LayerData, collect
+from nectar_export.collect import collect, targets
 from nectar_export.errors import NectarError
 from nectar_export.fit import layer_errors
 from nectar_export.generate import Sampling, generate
@@ -27,10 +27,10 @@ ANSWER_TOKENS = 64
 PREFIX_TOKENS = 16
 
 
-def heads_contexts(pairs: Sequence[Pair], cache: ContextCache, sinks: int) -> list[ContextAttention]:
-    """Per-layer Nectar context: fitted pair + exact sink tokens."""
-    exact = cache.exact(0, sinks) if sinks > 0 else [None] * len(pairs)
-    return [HeadsContext(p, s) for p, s in zip(pairs, exact)]
+def heads_contexts(pairs: Sequence[Pair], cache: ContextCache, exact_index: torch.Tensor) -> list[ContextAttention]:
+    """Per-layer Nectar context: fitted pair + the exact tokens (sinks, window)."""
+    exact = cache.subset(exact_index) if len(exact_index) else [None] * len(pairs)
+    return [HeadsContext(p, e) for p, e in zip(pairs, exact)]
 
 
 def window_size(params: int, n: int, shape: dict[str, int]) -> int:
@@ -75,6 +75,11 @@ def teacher_forced(model: Any, samples: Sequence[Sample], methods: dict[str, lis
         out[name]["headline"] = {"top1": sum(v[0] for v in head) / max(tokens, 1),
                                  "kl": sum(v[1] for v in head) / max(tokens, 1), "tokens": int(tokens)}
     return out
+
+
+def drop_all(q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The empty partial: what a baseline puts where the modeled context was."""
+    return torch.full(q.shape[:2], float("-inf")), torch.zeros_like(q)
 
 
 def exact_fn(keys: torch.Tensor, values: torch.Tensor) -> Any:
@@ -123,23 +128,24 @@ def run_eval(path: Path, model_spec: str | None = None, questions_limit: int | N
     artifact: Artifact = load_artifact(path, loaded.fingerprint)
     model, tokenizer = loaded.model, loaded.tokenizer
     heldout = json.loads((path / "heldout.json").read_text())
-    n, sinks, shape = artifact.n, artifact.sinks, manifest["model"]
+    n, shape, scaling = artifact.n, manifest["model"], manifest["model"]["scaling"]
     cache = prefill(model, heldout["context_ids"])
+    exact = cache.exact_index(*artifact.exact_tokens)
     fit = manifest["fit"]
     k = window_size(fit["nectar_params"], n, shape)
     methods: dict[str, list[Any]] = {"full": cache.exact(), "no_context": [None] * shape["layers"],
                                      "recent_window": cache.sink_window(WINDOW_SINKS, k)}
     for variant, pairs in artifact.heads.items():
-        methods[variant] = heads_contexts(pairs, cache, sinks)
+        methods[variant] = heads_contexts(pairs, cache, exact)
     samples = [Sample(s["source"], tuple(s["ids"]), s["question"]) for s in heldout["test"]]
     tf = teacher_forced(model, samples, methods, n)
-    test = collect(model, cache, sinks, samples, desc="test queries")
-    scaling = shape["scaling"]
-    window_keys = torch.arange(max(sinks, n - k), n)
-    fns: dict[str, list[Any]] = {m: [(lambda q, s, p=p: p(q, s)) for p in pairs] for m, pairs in artifact.heads.items()}
-    fns["no_context"] = [exact_fn(kk[:, :0], vv[:, :0]) for kk, vv in zip(cache.keys, cache.values)]
-    fns["recent_window"] = [exact_fn(kk[:, window_keys], vv[:, window_keys]) for kk, vv in zip(cache.keys, cache.values)]
-    errors = {m: [layer_errors(f, d, scaling) for f, d in zip(fl, test)] for m, fl in fns.items()}
+    queries = collect(model, cache, samples, desc="test queries")
+    test = targets(queries, cache, exact, scaling)
+    errors = {m: [layer_errors(p, d, scaling) for p, d in zip(pairs, test)] for m, pairs in artifact.heads.items()}
+    baseline_keys = {"no_context": torch.zeros(0, dtype=torch.long), "recent_window": cache.exact_index(WINDOW_SINKS, k)}
+    for name, keys in baseline_keys.items():       # a baseline keeps its tokens exact and drops the rest
+        data = targets(queries, cache, keys, scaling, desc=f"{name} targets")
+        errors[name] = [layer_errors(drop_all, d, scaling) for d in data]
     questions = [s for s in samples if s.question is not None][:questions_limit]
     prompts = [list(question_ids(tokenizer, artifact_context(manifest), s.question)) for s in questions]
     answers = {m: generate(model, prompts, ctx, n, Sampling(max_new_tokens=ANSWER_TOKENS), stop_ids(tokenizer),

@@ -118,10 +118,10 @@ def pair_params(pair: Pair) -> int:
 
 
 class HeadsContext(ContextAttention):
-    """A layer's fitted pair standing in for the modeled context, merged with exact sink tokens."""
+    """A layer's fitted pair standing in for the modeled context, merged with the exact tokens (sinks, window)."""
 
-    def __init__(self, pair: Pair, sinks: ExactContext | None):
-        self.pair, self.sinks = pair, sinks
+    def __init__(self, pair: Pair, exact: ExactContext | None):
+        self.pair, self.exact = pair, exact
 
     def partial(self, q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         B, Hkv, G, T, D = q.shape
@@ -129,6 +129,6 @@ class HeadsContext(ContextAttention):
         lse, out = self.pair(flat, scaling)
         lse = lse.view(Hkv, B, G, T).permute(1, 0, 2, 3)
         out = out.view(Hkv, B, G, T, -1).permute(1, 0, 2, 3, 4)
-        if self.sinks is None:
+        if self.exact is None:
             return lse, out
-        return merge(*self.sinks.partial(q, scaling), lse, out)
+        return merge(*self.exact.partial(q, scaling), lse, out)

@@ -9,11 +9,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from nectar_export.artifact import save_artifact
+from nectar_export.artifact import check_output, save_artifact
 from nectar_export.capacity import allocate, linear_probe_error
-from nectar_export.collect import LayerData, collect
+from nectar_export.collect import LayerData, collect, targets
 from nectar_export.config import FitConfig
-from nectar_export.context import Context, build_context, load_document
+from nectar_export.context import build_context, load_document
+from nectar_export.errors import NectarError
 from nectar_export.fit import TrainSettings, fit_pairs
 from nectar_export.heads import MLPPair, Pair, QuadraturePair, build_pair, pair_params
 from nectar_export.models import LoadedModel, load_model
@@ -42,25 +43,26 @@ def model_shape(model: Any) -> dict[str, int]:
 
 
 def layer_budget(config: FitConfig, n: int, dim: int) -> int:
-    """Network parameters per (layer, KV-head) on average: the budget minus what the exact sinks hold."""
+    """Network parameters per (layer, KV-head) on average: the budget minus what the exact tokens hold."""
     total = int(config.budget * 2 * n * dim)
-    net = total - 2 * config.sinks * dim
+    net = total - 2 * (config.sinks + config.window_tokens(n)) * dim
     if net < 4 * dim:
-        from nectar_export.errors import NectarError
-        raise NectarError(f"--budget {config.budget} leaves {net} parameters per head after {config.sinks} sinks; "
-                          f"raise the budget or the context length")
+        raise NectarError(f"--budget {config.budget} leaves {net} parameters per head after {config.sinks} sinks "
+                          f"and a {config.window_tokens(n)}-token window; raise the budget or lower --sinks/--window")
     return net
 
 
-def make_pairs(family: str, budgets: Sequence[int], shape: dict[str, int], cache: ContextCache, sinks: int,
-               train: Sequence[LayerData], seed: int) -> list[Pair]:
+def make_pairs(family: str, budgets: Sequence[int], shape: dict[str, int], cache: ContextCache,
+               exact_index: torch.Tensor, train: Sequence[LayerData], seed: int) -> list[Pair]:
     """Build and initialize one pair per layer within its parameter budget."""
     generator = torch.Generator().manual_seed(seed)
     pairs = []
     for layer, budget in enumerate(budgets):
         pair = build_pair(family, shape["kv_heads"], shape["head_dim"], budget)
         if isinstance(pair, QuadraturePair):
-            pair.init_from_cache(cache.keys[layer][:, sinks:], cache.values[layer][:, sinks:], generator)
+            modeled = torch.ones(cache.n, dtype=torch.bool)
+            modeled[exact_index] = False
+            pair.init_from_cache(cache.keys[layer][:, modeled], cache.values[layer][:, modeled], generator)
         elif isinstance(pair, MLPPair):
             d = train[layer]
             pair.init_from(d.q, d.ctx_lse, d.ctx_out)
@@ -70,6 +72,7 @@ def make_pairs(family: str, budgets: Sequence[int], shape: dict[str, int], cache
 
 def run_fit(config: FitConfig, out: Path) -> dict[str, Any]:
     """The whole fitting pipeline; writes the artifact to out and returns its manifest's metrics."""
+    check_output(out)
     torch.manual_seed(config.seed)
     clock = Stopwatch()
     loaded: LoadedModel = clock.run("load_model", lambda: load_model(config.model))
@@ -82,10 +85,14 @@ def run_fit(config: FitConfig, out: Path) -> dict[str, Any]:
     cache = clock.run("prefill", lambda: prefill(model, context.ids))
     samples: SampleSet = clock.run("samples", lambda: build_samples(model, tokenizer, context, doc_ids,
                                                                     cache.exact(), config))
-    train = clock.run("collect", lambda: collect(model, cache, config.sinks, samples.splits["train"], desc="train queries"))
-    val = clock.run("collect", lambda: collect(model, cache, config.sinks, samples.splits["val"], desc="val queries"))
-    difficulty = clock.run("allocate", lambda: [linear_probe_error(t, v) for t, v in zip(train, val)])
     scaling = float(model.model.layers[0].self_attn.scaling)
+    exact = cache.exact_index(config.sinks, config.window_tokens(context.n))
+    queries = {split: clock.run("collect", lambda: collect(model, cache, samples.splits[split], desc=f"{split} queries"))
+               for split in ("train", "val")}
+    train = clock.run("targets", lambda: targets(queries["train"], cache, exact, scaling, desc="train targets"))
+    val = clock.run("targets", lambda: targets(queries["val"], cache, exact, scaling, desc="val targets"))
+    del queries
+    difficulty = clock.run("allocate", lambda: [linear_probe_error(t, v) for t, v in zip(train, val)])
     settings = TrainSettings(config.epochs, config.batch_size, config.lr, config.patience, config.seed)
     plans = {"nectar": (config.family, config.allocation)}
     if config.ablations:
@@ -95,13 +102,13 @@ def run_fit(config: FitConfig, out: Path) -> dict[str, Any]:
     reports: dict[str, Any] = {}
     for variant, (family, allocation) in plans.items():
         budgets = allocate(difficulty, budget) if allocation == "adaptive" else [budget] * len(train)
-        pairs = make_pairs(family, budgets, shape, cache, config.sinks, train, config.seed)
+        pairs = make_pairs(family, budgets, shape, cache, exact, train, config.seed)
         stage = "fit" if variant == "nectar" else f"fit_{variant}"
         fit_report = clock.run(stage, lambda: fit_pairs(pairs, train, val, scaling, settings, desc=f"fit {variant}"))
         heads[variant] = pairs
         reports[variant] = {
             "family": family, "allocation": allocation,
-            "params": sum(pair_params(p) * p.heads + 2 * config.sinks * p.heads * p.dim for p in pairs),
+            "params": sum(pair_params(p) * p.heads + 2 * len(exact) * p.heads * p.dim for p in pairs),
             "val_approx_error_by_layer": [round(r["val_approx_error"], 5) for r in fit_report],
             "epochs_by_layer": [r["epochs"] for r in fit_report],
         }
@@ -117,6 +124,7 @@ def run_fit(config: FitConfig, out: Path) -> dict[str, Any]:
                   "model_type": model.config.model_type, **shape, "scaling": scaling,
                   "max_positions": max_positions},
         "context": {"source": context.source, "sha256": context.sha256, "n": context.n, "sinks": config.sinks,
+                    "window": config.window_tokens(context.n),
                     "document_tokens": context.document_tokens, "prefix_text": context.prefix_text,
                     "question_template": context.question_template},
         "positions": {"first_new": context.n, "max_new_tokens": config.reserve},

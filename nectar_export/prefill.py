@@ -26,11 +26,18 @@ class ContextCache:
         """Per-layer exact attention over context tokens [start, stop)."""
         return [ExactContext(k[:, start:stop], v[:, start:stop]) for k, v in zip(self.keys, self.values)]
 
-    def sink_window(self, sinks: int, window: int) -> list[ExactContext]:
-        """Per-layer exact attention over the first `sinks` and the last `window` tokens (a baseline)."""
+    def exact_index(self, sinks: int, window: int) -> torch.Tensor:
+        """Positions of the first `sinks` and the last `window` context tokens, without overlap."""
         n = self.n
-        idx = torch.cat([torch.arange(min(sinks, n)), torch.arange(max(sinks, n - window), n)])
-        return [ExactContext(k[:, idx], v[:, idx]) for k, v in zip(self.keys, self.values)]
+        return torch.cat([torch.arange(min(sinks, n)), torch.arange(max(sinks, n - window), n)])
+
+    def subset(self, index: torch.Tensor) -> list[ExactContext]:
+        """Per-layer exact attention over the context tokens at the given positions."""
+        return [ExactContext(k[:, index], v[:, index]) for k, v in zip(self.keys, self.values)]
+
+    def sink_window(self, sinks: int, window: int) -> list[ExactContext]:
+        """Per-layer exact attention over the first `sinks` and the last `window` tokens."""
+        return self.subset(self.exact_index(sinks, window))
 
 
 @torch.inference_mode()

@@ -83,11 +83,14 @@ def _blocks(ids: Sequence[int], size: int) -> list[list[int]]:
 
 
 def _deal(items: list[Any], counts: tuple[int, int, int], rng: random.Random) -> dict[str, list[Any]]:
-    """Shuffle and hand out disjoint (train, val, test) parts in proportion to counts, at most counts each."""
+    """Shuffle and hand out disjoint (train, val, test) parts in proportion to counts, at most counts each;
+    with three items or more every split gets at least one."""
     items = items[:]
     rng.shuffle(items)
     total = sum(counts)
-    sizes = [min(c, max(1, round(len(items) * c / total))) if items else 0 for c in counts]
+    sizes = [min(c, max(1, len(items) * c // total)) for c in counts]
+    while sum(sizes) > len(items) and max(sizes) > 0:
+        sizes[sizes.index(max(sizes))] -= 1
     out, start = {}, 0
     for split, size in zip(SPLITS, sizes):
         out[split] = items[start:start + size]

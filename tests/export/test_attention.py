@@ -35,9 +35,10 @@ def test_empty_partial_is_neutral_and_never_nan():
     torch.testing.assert_close(merged[1], other[1])
 
 
-def test_streamed_exact_partial_matches_dense():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])   # fused CPU kernel, streamed fallback
+def test_exact_partial_matches_dense(dtype):
     torch.manual_seed(1)
-    q, k, v = torch.randn(2, 3, 4, 5, 16), torch.randn(3, 100, 16), torch.randn(3, 100, 16)
+    q, k, v = (torch.randn(*s, dtype=dtype) for s in ((2, 3, 4, 5, 16), (3, 100, 16), (3, 100, 16)))
     lse, out = exact_partial(q, k, v, 0.25, chunk=7)
     scores = torch.einsum("bhgtd,hsd->bhgts", q, k) * 0.25
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1))

@@ -1,0 +1,145 @@
+"""The CLI end to end on a tiny checkpoint, and its handling of bad input (clear error, no artifact)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_model
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nectar_export.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir():
+    from nectar_export.models import resolve_checkpoint
+    return resolve_checkpoint("default")
+
+
+def _checkpoint(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import torch
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tokenizer_dir):
+    return _checkpoint(tmp_path_factory.mktemp("tiny"), tokenizer_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_ckpt(tmp_path_factory, tokenizer_dir):
+    return _checkpoint(tmp_path_factory.mktemp("other"), tokenizer_dir, seed=1)
+
+
+@pytest.fixture(scope="session")
+def artifact(tmp_path_factory, tiny_ckpt):
+    out = tmp_path_factory.mktemp("runs") / "art"
+    result = run_cli("fit", "--model", str(tiny_ckpt), "--context-tokens", "512", "--quick", "--epochs", "2",
+                     "-o", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def _assert_clean_failure(result: subprocess.CompletedProcess, out: Path, *words: str) -> None:
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in result.stderr, result.stderr[-1500:]
+    for word in words:
+        assert word in last, last
+    assert not out.exists()
+    assert not any(p.name.startswith(f".{out.name}.") for p in out.parent.iterdir())
+
+
+def test_fit_writes_a_self_describing_artifact(artifact, tiny_ckpt):
+    manifest = json.loads((artifact / "nectar.json").read_text())
+    assert manifest["context"]["n"] == 512
+    assert manifest["context"]["question_template"].count("{question}") == 1
+    assert set(manifest["variants"]) == {"nectar", "quadrature", "uniform_allocation"}
+    fit = manifest["fit"]
+    assert fit["nectar_params"] <= 0.125 * fit["kv_entries"]
+    for variant in ("quadrature", "uniform_allocation"):
+        assert fit["variants"][variant]["params"] <= 0.125 * fit["kv_entries"]
+    assert (artifact / "nectar.safetensors").is_file() and (artifact / "heldout.json").is_file()
+
+
+def test_eval_reports_every_metric(artifact):
+    result = run_cli("eval", str(artifact), "--json", "--questions", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    for key in ("top1_agreement", "kl", "approx_error_by_layer", "lse_error_by_layer", "generation_similarity",
+                "generation_prefix_match", "nectar_params", "kv_entries"):
+        assert key in report
+    assert set(report["baselines"]) == {"no_context", "recent_window", "quadrature", "uniform_allocation"}
+    assert 0.0 <= report["top1_agreement"] <= 1.0 and report["kl"] >= 0.0
+    assert len(report["approx_error_by_layer"]) == 2
+    assert report["baselines"]["recent_window"]["approx_error_by_layer"] != report["approx_error_by_layer"]
+    assert json.loads((artifact / "nectar.json").read_text())["eval"]["n"] == 512
+
+
+def test_missing_context(tmp_path, tiny_ckpt):
+    out = tmp_path / "out"
+    result = run_cli("fit", "--model", str(tiny_ckpt), "--context", str(tmp_path / "nope.txt"), "-o", str(out))
+    _assert_clean_failure(result, out, "context not found")
+
+
+def test_non_utf8_context(tmp_path, tiny_ckpt):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait ".encode("latin-1") * 50)
+    out = tmp_path / "out"
+    result = run_cli("fit", "--model", str(tiny_ckpt), "--context", str(bad), "-o", str(out))
+    _assert_clean_failure(result, out, "not UTF-8")
+
+
+def test_context_too_long(tmp_path, tiny_ckpt):
+    out = tmp_path / "out"
+    result = run_cli("fit", "--model", str(tiny_ckpt), "--context-tokens", "900", "-o", str(out))
+    _assert_clean_failure(result, out, "exceeds the model's 1024 positions")
+
+
+def test_unknown_model_path(tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("fit", "--model", str(tmp_path / "no-such-model"), "-o", str(out))
+    _assert_clean_failure(result, out, "model not found")
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "out"
+    result = run_cli("fit", "--model", str(tmp_path / "gpt2"), "-o", str(out))
+    _assert_clean_failure(result, out, "unsupported architecture 'gpt2'", "llama, mistral, qwen2, qwen3")
+
+
+def test_artifact_of_another_model_is_refused(artifact, other_ckpt):
+    result = run_cli("eval", str(artifact), "--model", str(other_ckpt))
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    manifest = json.loads((artifact / "nectar.json").read_text())
+    assert last.startswith("error: ") and manifest["model"]["fingerprint"][:16] in last
+
+
+def test_output_folder_that_is_not_an_artifact_is_left_alone(tmp_path, tiny_ckpt):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = run_cli("fit", "--model", str(tiny_ckpt), "--context-tokens", "512", "--quick", "--epochs", "1",
+                     "--no-ablations", "-o", str(out))
+    assert result.returncode != 0 and "not a Nectar artifact" in result.stderr
+    assert (out / "notes.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1

@@ -1,0 +1,52 @@
+"""Model loading: the embedded GGUF default, its cached conversion, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nectar_export.attention import forward, nectar_mode
+from nectar_export.errors import NectarError
+from nectar_export.models import load_model, resolve_checkpoint
+from nectar_export.prefill import prefill
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("default")
+
+
+def test_default_model_is_smollm2_from_the_gguf_wheel(smollm2):
+    cfg = smollm2.config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == ("llama", 30, 9, 3)
+    assert len(smollm2.fingerprint) == 64
+    assert load_model(str(resolve_checkpoint("default"))).fingerprint == smollm2.fingerprint
+
+
+def test_oracle_matches_smollm2_full_attention(smollm2):
+    """The real model: context through exact oracle attention equals the stock forward pass."""
+    from transformers import DynamicCache
+
+    model, tok = smollm2.model, smollm2.tokenizer
+    ids = tok("The assert statement is a convenient way to insert debugging assertions into a program. " * 12,
+              return_tensors="pt")["input_ids"]
+    n = ids.shape[1] - 10
+    with torch.no_grad():
+        ref = model(ids).logits[:, n:]
+        cache = prefill(model, ids[0, :n].tolist(), chunk=64, progress=False)
+        with nectar_mode(model, cache.exact()):
+            out = forward(model, ids[:, n:], n + torch.arange(10)[None], DynamicCache(config=model.config))
+    assert (out - ref).abs().max() < 1e-3
+    assert bool((out.argmax(-1) == ref.argmax(-1)).all())
+
+
+def test_a_file_that_is_not_gguf_is_refused(tmp_path):
+    bogus = tmp_path / "weights.bin"
+    bogus.write_bytes(b"\0" * 10)
+    with pytest.raises(NectarError, match="not a .gguf"):
+        resolve_checkpoint(str(bogus))
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(NectarError, match="without config.json"):
+        resolve_checkpoint(str(tmp_path))
