@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -147,7 +146,8 @@ def run_eval(path: Path, model_spec: str | None = None, questions_limit: int | N
         data = targets(queries, cache, keys, scaling, desc=f"{name} targets")
         errors[name] = [layer_errors(drop_all, d, scaling) for d in data]
     questions = [s for s in samples if s.question is not None][:questions_limit]
-    prompts = [list(question_ids(tokenizer, artifact_context(manifest), s.question)) for s in questions]
+    template = manifest["context"]["question_template"]
+    prompts = [question_ids(tokenizer, template, s.question) for s in questions]
     answers = {m: generate(model, prompts, ctx, n, Sampling(max_new_tokens=ANSWER_TOKENS), stop_ids(tokenizer),
                            pad_id(tokenizer), desc=f"answers {m}") for m, ctx in methods.items()}
     gen = generation_metrics(answers, tokenizer)
@@ -172,9 +172,3 @@ def run_eval(path: Path, model_spec: str | None = None, questions_limit: int | N
     update_manifest(path, "eval", report)
     return report
 
-
-def artifact_context(manifest: dict[str, Any]) -> Any:
-    """The pieces of the context a question needs (its template), as a small object."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(question_template=manifest["context"]["question_template"])

@@ -91,7 +91,6 @@ def run_fit(config: FitConfig, out: Path) -> dict[str, Any]:
                for split in ("train", "val")}
     train = clock.run("targets", lambda: targets(queries["train"], cache, exact, scaling, desc="train targets"))
     val = clock.run("targets", lambda: targets(queries["val"], cache, exact, scaling, desc="val targets"))
-    del queries
     difficulty = clock.run("allocate", lambda: [linear_probe_error(t, v) for t, v in zip(train, val)])
     settings = TrainSettings(config.epochs, config.batch_size, config.lr, config.patience, config.seed)
     plans = {"nectar": (config.family, config.allocation)}

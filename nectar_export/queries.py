@@ -102,9 +102,9 @@ def _cycle(items: list[Any], count: int) -> list[Any]:
     return [items[i % len(items)] for i in range(count)] if items else []
 
 
-def question_ids(tokenizer: Any, context: Context, question: str) -> list[int]:
+def question_ids(tokenizer: Any, template: str, question: str) -> list[int]:
     """Tokens that follow the document for a user's question, up to where the answer starts."""
-    return encode(tokenizer, context.question_template.format(question=question))
+    return encode(tokenizer, template.format(question=question))
 
 
 def build_samples(model: Any, tokenizer: Any, context: Context, doc_ids: Sequence[int],
@@ -120,7 +120,7 @@ def build_samples(model: Any, tokenizer: Any, context: Context, doc_ids: Sequenc
     questions: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     for split, repeat, study in zip(SPLITS, config.repeat, config.self_study):
         blocks = passages[split]
-        samples.splits[split] += [Sample("repeat", tuple(question_ids(tokenizer, context, tokenizer.decode(b))))
+        samples.splits[split] += [Sample("repeat", tuple(question_ids(tokenizer, context.question_template, tokenizer.decode(b))))
                                   for b in blocks[:repeat]]
         asked = write_questions(model, tokenizer, _cycle(blocks, study), config.seed, split)
         questions[split] += [("self_study", q) for q in asked]
@@ -129,7 +129,7 @@ def build_samples(model: Any, tokenizer: Any, context: Context, doc_ids: Sequenc
             questions[split] += [("prompts", p) for p in prompts]
     stop = stop_ids(tokenizer)
     for split, pairs in questions.items():
-        prompts = [question_ids(tokenizer, context, q) for _, q in pairs]
+        prompts = [question_ids(tokenizer, context.question_template, q) for _, q in pairs]
         answers = generate(model, prompts, full, context.n, Sampling(max_new_tokens=config.answer_tokens),
                            stop, pad_id(tokenizer), desc=f"answers ({split})") if prompts else []
         samples.splits[split] += [Sample(src, tuple(p + a), q) for (src, q), p, a in zip(pairs, prompts, answers)]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_model
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
