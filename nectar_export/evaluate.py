@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -157,7 +158,9 @@ def run_eval(path: Path, model_spec: str | None = None, questions_limit: int | N
                 "top1_by_source": {s: v["top1"] for s, v in tf[method].items() if s != "headline"},
                 "kl_by_source": {s: v["kl"] for s, v in tf[method].items() if s != "headline"},
                 "approx_error_by_layer": [round(e["approx_error"], 5) for e in errors[method]],
-                "lse_error_by_layer": [round(e["lse_error"], 5) for e in errors[method]],
+                # baselines without a score network have no lse estimate: null, not Infinity (invalid JSON)
+                "lse_error_by_layer": [round(e["lse_error"], 5) if math.isfinite(e["lse_error"]) else None
+                                       for e in errors[method]],
                 "generation_similarity": gen[method]["similarity"],
                 "generation_prefix_match": gen[method]["prefix_match"]}
 

@@ -80,7 +80,10 @@ def test_fit_writes_a_self_describing_artifact(artifact, tiny_ckpt):
 def test_eval_reports_every_metric(artifact):
     result = run_cli("eval", str(artifact), "--json", "--questions", "4")
     assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads(result.stdout)
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"eval --json printed {name}, which is not JSON")
+
+    report = json.loads(result.stdout, parse_constant=no_constants)
     for key in ("top1_agreement", "kl", "approx_error_by_layer", "lse_error_by_layer", "generation_similarity",
                 "generation_prefix_match", "nectar_params", "kv_entries"):
         assert key in report
@@ -88,6 +91,8 @@ def test_eval_reports_every_metric(artifact):
     assert 0.0 <= report["top1_agreement"] <= 1.0 and report["kl"] >= 0.0
     assert len(report["approx_error_by_layer"]) == 2
     assert report["baselines"]["recent_window"]["approx_error_by_layer"] != report["approx_error_by_layer"]
+    assert report["baselines"]["no_context"]["lse_error_by_layer"] == [None, None]
+    assert all(e >= 0 for e in report["lse_error_by_layer"])
     assert json.loads((artifact / "nectar.json").read_text())["eval"]["n"] == 512
 
 
