@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from nectar_export.attention import ContextAttention, ExactContext, exact_partial, forward, merge, nectar_mode
 from nectar_export.prefill import ContextCache
-from nectar_export.queries import Sample
+from nectar_export.queries import Sample, right_padded
 
 
 @dataclass
@@ -85,12 +85,9 @@ def collect(model: Any, cache: ContextCache, samples: Sequence[Sample], batch_si
     with nectar_mode(model, recorders):
         for i in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
             batch = order[i:i + batch_size]
-            width = max(len(s.ids) for s in batch)
-            ids = torch.tensor([list(s.ids) + [0] * (width - len(s.ids)) for s in batch])
-            valid = torch.tensor([[j < len(s.ids) for j in range(width)] for s in batch])
+            ids, valid, positions = right_padded(batch, cache.n)
             for r in recorders:
                 r.valid = valid
-            positions = cache.n + torch.arange(width).unsqueeze(0).expand(len(batch), -1)
             forward(model, ids, positions, DynamicCache(config=model.config), logits_to_keep=1)
     return [r.queries() for r in recorders]
 

@@ -19,7 +19,7 @@ from nectar_export.generate import Sampling, generate
 from nectar_export.heads import HeadsContext, Pair
 from nectar_export.models import load_model
 from nectar_export.prefill import ContextCache, prefill
-from nectar_export.queries import Sample, pad_id, question_ids, stop_ids
+from nectar_export.queries import Sample, pad_id, question_ids, right_padded, stop_ids
 
 WINDOW_SINKS = 4
 HEADLINE_SOURCES = ("continuation", "self_study", "prompts")   # repeat (copying) is reported on its own
@@ -49,10 +49,7 @@ def teacher_forced(model: Any, samples: Sequence[Sample], methods: dict[str, lis
     order = sorted(samples, key=lambda s: len(s.ids))
     for i in tqdm(range(0, len(order), batch_size), desc="teacher-forced", unit="batch"):
         batch = order[i:i + batch_size]
-        width = max(len(s.ids) for s in batch)
-        ids = torch.tensor([list(s.ids) + [0] * (width - len(s.ids)) for s in batch])
-        valid = torch.tensor([[j < len(s.ids) for j in range(width)] for s in batch])
-        positions = n + torch.arange(width).unsqueeze(0).expand(len(batch), -1)
+        ids, valid, positions = right_padded(batch, n)
         logprobs = {}
         for name, contexts in methods.items():
             with nectar_mode(model, contexts):

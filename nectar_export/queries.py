@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from nectar_export.attention import ContextAttention
 from nectar_export.config import FitConfig
 from nectar_export.context import Context, encode
@@ -100,6 +102,16 @@ def _deal(items: list[Any], counts: tuple[int, int, int], rng: random.Random) ->
 
 def _cycle(items: list[Any], count: int) -> list[Any]:
     return [items[i % len(items)] for i in range(count)] if items else []
+
+
+def right_padded(batch: Sequence[Sample], start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, valid, positions) [B, T] for teacher forcing after the context; padding sits after each sample,
+    where causal attention keeps it out of the real tokens' view."""
+    width = max(len(s.ids) for s in batch)
+    ids = torch.tensor([list(s.ids) + [0] * (width - len(s.ids)) for s in batch])
+    valid = torch.tensor([[j < len(s.ids) for j in range(width)] for s in batch])
+    positions = start + torch.arange(width).unsqueeze(0).expand(len(batch), -1)
+    return ids, valid, positions
 
 
 def question_ids(tokenizer: Any, template: str, question: str) -> list[int]:
