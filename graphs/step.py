@@ -1,0 +1,219 @@
+"""The traceable decoder step: new tokens in, logits and the new tokens' keys/values out.
+
+One plain module for every supported architecture (Llama, Mistral, Qwen2, Qwen3). It reuses the
+Hugging Face model's own weights and submodules (projections, norms, MLP) and writes out only what
+the export needs to control: rotary embedding from the model's inverse frequencies, the masks, and
+attention as two softmax partials merged exactly.
+
+- Nectar step: per layer, the fitted pair (target and score networks) stands in for the modeled
+  context; the exact tokens (sinks, window) are constants; the past is the earlier *new* tokens.
+- Full step: no pair and no constants; the past holds the context's real KV too (the baseline).
+
+Shapes: B batch, T new tokens this step, P past tokens, Hq query heads, Hkv KV heads, G = Hq/Hkv,
+D head dim, E exact context tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from nectar_export.heads import Pair
+
+MASKED = -1.0e30   # finite "minus infinity": exp underflows to 0 and no row ever gives NaN
+
+
+class Softmax(nn.Module):
+    """Scores -> (log-sum-exp, probabilities) over the last axis. A module so that the precision pass
+    can find it by name and keep it in fp32; the product with the values stays outside, in the
+    graph's precision, as flash attention does."""
+
+    def forward(self, scores: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if keep is not None:
+            scores = scores.masked_fill(~keep, MASKED)
+        peak = scores.amax(-1, keepdim=True)
+        lse = peak + torch.log(torch.exp(scores - peak).sum(-1, keepdim=True))
+        return lse.squeeze(-1), torch.exp(scores - lse)
+
+
+class Merge(nn.Module):
+    """Two softmax partials (lse, out) combined exactly, both lse finite: the Nectar merge (fp32)."""
+
+    def forward(self, a_lse: torch.Tensor, a_out: torch.Tensor, b_lse: torch.Tensor,
+                b_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        peak = torch.maximum(a_lse, b_lse)
+        wa = torch.exp(a_lse - peak)
+        wb = torch.exp(b_lse - peak)
+        total = wa + wb
+        out = (wa.unsqueeze(-1) * a_out + wb.unsqueeze(-1) * b_out) / total.unsqueeze(-1)
+        return peak + torch.log(total), out
+
+
+class Rotary(nn.Module):
+    """cos and sin of the rotary angles for explicit positions, [B, 1, T, D] (fp32: positions reach 1e5)."""
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq.detach().float().clone())
+        self.scaling = scaling
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids.unsqueeze(-1).float() * self.inv_freq                # [B, T, D/2]
+        angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)                   # [B, 1, T, D]
+        return angles.cos() * self.scaling, angles.sin() * self.scaling
+
+
+class NectarHeads(nn.Module):
+    """One layer's context stand-in: the fitted pair merged with the exact tokens' real KV."""
+
+    def __init__(self, pair: Pair, exact_keys: torch.Tensor, exact_values: torch.Tensor):
+        super().__init__()
+        self.pair = pair
+        self.softmax, self.merge = Softmax(), Merge()
+        self.register_buffer("exact_keys", exact_keys.unsqueeze(0).clone())       # [1, Hkv, E, D]
+        self.register_buffer("exact_values", exact_values.unsqueeze(0).clone())   # [1, Hkv, E, D]
+
+    def forward(self, q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, Hkv, G, T, D] -> the context partial (lse [B, Hkv, G, T], out [B, Hkv, G, T, D])."""
+        B, Hkv, G, T, D = q.shape
+        flat = q.permute(1, 0, 2, 3, 4).reshape(Hkv, B * G * T, D)
+        lse, out = self.pair(flat, scaling)                                        # [Hkv, N], [Hkv, N, D]
+        lse = lse.reshape(Hkv, B, G, T).permute(1, 0, 2, 3)
+        out = out.reshape(Hkv, B, G, T, D).permute(1, 0, 2, 3, 4)
+        if self.exact_keys.shape[2] == 0:
+            return lse, out
+        keys = self.exact_keys.unsqueeze(2).transpose(-1, -2)                     # [1, Hkv, 1, D, E]
+        e_lse, probs = self.softmax((q @ keys) * scaling)                          # [B, Hkv, G, T, E]
+        return self.merge(lse, out, e_lse, probs @ self.exact_values.unsqueeze(2))
+
+
+class Attention(nn.Module):
+    """Grouped-query attention of the new tokens, merged with a context partial when there is one."""
+
+    def __init__(self, hf_attention: nn.Module, heads: int, kv_heads: int, head_dim: int,
+                 context: NectarHeads | None):
+        super().__init__()
+        self.q_proj, self.k_proj = hf_attention.q_proj, hf_attention.k_proj
+        self.v_proj, self.o_proj = hf_attention.v_proj, hf_attention.o_proj
+        self.q_norm = getattr(hf_attention, "q_norm", None)     # Qwen3 normalizes q and k per head
+        self.k_norm = getattr(hf_attention, "k_norm", None)
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.scaling = float(hf_attention.scaling)
+        self.softmax, self.merge = Softmax(), Merge()
+        self.context = context
+
+    def _project(self, proj: nn.Module, norm: nn.Module | None, x: torch.Tensor, heads: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        y = proj(x).view(B, T, heads, self.head_dim)
+        if norm is not None:
+            y = norm(y)
+        return y.transpose(1, 2)                                                 # [B, H, T, D]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
+                past_v: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        q = rotate(self._project(self.q_proj, self.q_norm, x, self.heads), cos, sin)
+        k = rotate(self._project(self.k_proj, self.k_norm, x, self.kv_heads), cos, sin)
+        v = self._project(self.v_proj, None, x, self.kv_heads)
+        keys = torch.cat([past_k, k], dim=2)                                      # [B, Hkv, P+T, D]
+        values = torch.cat([past_v, v], dim=2)
+        G = self.heads // self.kv_heads
+        qg = q.view(B, self.kv_heads, G, T, self.head_dim)                        # [B, Hkv, G, T, D]
+        scores = (qg @ keys.unsqueeze(2).transpose(-1, -2)) * self.scaling        # [B, Hkv, G, T, P+T]
+        lse, probs = self.softmax(scores, keep.unsqueeze(2))
+        out = probs @ values.unsqueeze(2)                                          # [B, Hkv, G, T, D]
+        if self.context is not None:
+            out = self.merge(*self.context(qg, self.scaling), lse, out)[1]
+        out = out.reshape(B, self.heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(out), keys, values
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the rotate-half layout all four architectures use; cos, sin [B, 1, T, D]."""
+    half = x.shape[-1] // 2
+    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + turned * sin
+
+
+class Layer(nn.Module):
+    def __init__(self, hf_layer: nn.Module, attention: Attention):
+        super().__init__()
+        self.input_layernorm = hf_layer.input_layernorm
+        self.post_attention_layernorm = hf_layer.post_attention_layernorm
+        self.mlp = hf_layer.mlp
+        self.self_attn = attention
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
+                past_v: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a, keys, values = self.self_attn(self.input_layernorm(h), cos, sin, past_k, past_v, keep)
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h)), keys, values
+
+
+class StepModule(nn.Module):
+    """forward(input_ids, position_ids, attention_mask, *past) -> (logits, *present).
+
+    input_ids, position_ids: [B, T] int64; attention_mask: [B, P+T] int64 (1 = real token) over the
+    past and the new tokens; past: key_0, value_0, key_1, ... each [B, Hkv, P, D]. Outputs logits
+    [B, 1, V] (or [B, T, V] with all_logits) in fp32 and the presents [B, Hkv, P+T, D].
+    """
+
+    def __init__(self, hf_model: nn.Module, contexts: Sequence[NectarHeads | None] | None = None,
+                 all_logits: bool = False):
+        super().__init__()
+        config = hf_model.config
+        body = hf_model.model
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        contexts = list(contexts) if contexts is not None else [None] * len(body.layers)
+        self.embed_tokens, self.norm, self.lm_head = body.embed_tokens, body.norm, hf_model.lm_head
+        self.layers = nn.ModuleList(
+            Layer(layer, Attention(layer.self_attn, heads, kv_heads, head_dim, ctx))
+            for layer, ctx in zip(body.layers, contexts))
+        rotary = body.rotary_emb
+        self.rotary = Rotary(rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)))
+        self.all_logits = all_logits
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.embed_tokens(input_ids)                                          # [B, T, hidden]
+        T = input_ids.shape[1]
+        cos, sin = (x.to(h.dtype) for x in self.rotary(position_ids))
+        keep = causal_keep(attention_mask, T)                                     # [B, 1, T, P+T]
+        presents: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            h, keys, values = layer(h, cos, sin, past[2 * i], past[2 * i + 1], keep)
+            presents += [keys, values]
+        if not self.all_logits:
+            h = h[:, -1:]
+        h = self.norm(h)
+        # a 2-D product with the (possibly tied) weight exports as Gemm(transB=1) on the embedding table
+        # itself; a 3-D one gets a folded transposed copy: 113 MB more for SmolLM2's tied head
+        logits = F.linear(h.reshape(-1, h.shape[-1]), self.lm_head.weight).float()
+        return (logits.reshape(h.shape[0], h.shape[1], -1), *presents)
+
+
+def causal_keep(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, 1, T, S] keep-mask: new token i sees key j <= P + i where the attention mask is 1."""
+    S = attention_mask.shape[1]
+    i = torch.arange(T, device=attention_mask.device).unsqueeze(1)
+    j = torch.arange(S, device=attention_mask.device).unsqueeze(0)
+    causal = j <= i + (S - T)                                                     # [T, S]
+    return causal.unsqueeze(0).unsqueeze(0) & (attention_mask > 0).unsqueeze(1).unsqueeze(2)
+
+
+def nectar_contexts(pairs: Sequence[Pair], exact_keys: Sequence[torch.Tensor],
+                    exact_values: Sequence[torch.Tensor]) -> list[NectarHeads]:
+    """Per-layer NectarHeads from fitted pairs and the exact tokens' keys/values [Hkv, E, D]."""
+    return [NectarHeads(p, k, v) for p, k, v in zip(pairs, exact_keys, exact_values)]
+
+
+def empty_past(model_config: Any, batch: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Zero-length past keys and values for every layer (the first step of a generation)."""
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    shape = (batch, model_config.num_key_value_heads, 0, head_dim)
+    return [torch.zeros(shape, dtype=dtype) for _ in range(2 * model_config.num_hidden_layers)]

@@ -1,0 +1,53 @@
+"""The interface every backend implements (Polygraphy's runner is the model: activate, infer, release).
+
+A backend owns the step graph's session and the KV state of one running sequence:
+
+- `infer(feeds)`: one plain call of the graph with host arrays in and out (verification, tests);
+- `reset(batch)`: start a sequence; the past is empty (Nectar bundles) or the context's KV (full bundles);
+- `step(input_ids)`: run new tokens [B, T] at the next positions, keep their keys and values inside the
+  backend (host arrays on CPU, device buffers on GPUs) and return the last token's logits [B, V] fp32.
+
+Use as a context manager: `with make_backend(bundle, "ort-cpu") as backend: ...`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from nectar_runtime.bundle import Bundle
+
+
+class BackendError(Exception):
+    """A backend that cannot run here (package absent, no device) or a request it cannot serve."""
+
+
+class Backend:
+    name = "base"
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self.active = False
+
+    def __enter__(self) -> "Backend":
+        self.activate()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def activate(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def reset(self, batch: int = 1) -> None:
+        raise NotImplementedError
+
+    def step(self, input_ids: np.ndarray) -> np.ndarray:
+        raise NotImplementedError

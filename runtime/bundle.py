@@ -1,0 +1,129 @@
+"""The bundle: what the runtime loads. Written by nectar_graphs, read here (no torch needed).
+
+A bundle is a directory:
+
+    bundle.json        manifest (schema below)
+    model.onnx         the step graph (+ model.onnx.data when weights pass 2 GB)
+    tokenizer.json     the base model's tokenizer (Hugging Face `tokenizers` format)
+    context.safetensors   full-attention bundles only: the context's KV, the past of the first step
+    model.plan         optional TensorRT engine (`nectar-export build`)
+
+bundle.json (format "nectar-bundle/1"):
+
+    kind            "nectar" (document baked into Nectar heads) or "full" (context KV as past input)
+    precision       "fp32" | "fp16" | "bf16"; kv_dtype: numpy-style name of the KV I/O type
+    n               context tokens; first_position: position of the first new token (= n)
+    max_new_tokens  new-token window: positions first_position .. first_position + max_new_tokens - 1
+    logits          "last" (logits of the last new token) or "all"
+    layers, kv_heads, head_dim, vocab_size
+    inputs, outputs [{"name", "dtype", "shape"}], shape entries are ints or axis names
+    past            {"key": "past_key_values.{layer}.key", "value": ..., "present_key": "present.{layer}.key",
+                     "present_value": ...}: name templates
+    template        {"question": text with "{question}" placed after the document}
+    stop_token_ids, pad_token_id
+    files           {name: {"bytes", "sha256"}} for every file above that is present
+    source          {"artifact", "model_fingerprint", "context_sha256", "variant", "code_version"}
+    graph           {"opset", "ir_version", "passes": [...], "op_counts": {...}, "lint": {...}}
+    engines         {"tensorrt": {"file", "profile", "tensorrt_version"}} once built
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT = "nectar-bundle/1"
+MANIFEST = "bundle.json"
+ONNX_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+CONTEXT_FILE = "context.safetensors"
+ENGINE_FILE = "model.plan"
+KINDS = ("nectar", "full")
+REQUIRED = ("kind", "precision", "kv_dtype", "n", "first_position", "max_new_tokens", "logits", "layers",
+            "kv_heads", "head_dim", "vocab_size", "inputs", "outputs", "past", "template", "stop_token_ids",
+            "files")
+
+
+class BundleError(Exception):
+    """A bundle that is missing, damaged or of another format; the message says what to do."""
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle directory and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.manifest[key]
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / ONNX_FILE
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    def past_names(self) -> list[str]:
+        """Past input names in graph order: key_0, value_0, key_1, ..."""
+        past = self.manifest["past"]
+        return [past[kv].format(layer=i) for i in range(self.manifest["layers"]) for kv in ("key", "value")]
+
+    def present_names(self) -> list[str]:
+        past = self.manifest["past"]
+        return [past[kv].format(layer=i) for i in range(self.manifest["layers"])
+                for kv in ("present_key", "present_value")]
+
+    def prompt_text(self, question: str) -> str:
+        return self.manifest["template"]["question"].replace("{question}", question)
+
+
+def load_bundle(path: str | Path, check_hashes: bool = False) -> Bundle:
+    """Read bundle.json and check format, required keys and every listed file (size, optionally sha256)."""
+    path = Path(path).expanduser()
+    file = path / MANIFEST
+    if not file.is_file():
+        raise BundleError(f"{path} is not a bundle (no {MANIFEST}); create one with `nectar-export export`")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{file} is not valid JSON ({exc}); re-export the bundle") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"{file} has format {found!r}; this runtime reads {FORMAT!r}")
+    missing = [key for key in REQUIRED if key not in manifest]
+    if missing:
+        raise BundleError(f"{file} lacks {', '.join(missing)}; re-export the bundle")
+    if manifest["kind"] not in KINDS:
+        raise BundleError(f"{file}: unknown kind {manifest['kind']!r} (expected one of {KINDS})")
+    for name, entry in manifest["files"].items():
+        target = path / name
+        if not target.is_file():
+            raise BundleError(f"bundle file {target} is missing; re-export the bundle")
+        size = target.stat().st_size
+        if size != entry["bytes"]:
+            raise BundleError(f"bundle file {target} has {size} bytes, bundle.json says {entry['bytes']}: "
+                              "it is damaged or was replaced; re-export the bundle")
+        if check_hashes and sha256_file(target) != entry["sha256"]:
+            raise BundleError(f"bundle file {target} does not match its sha256 in bundle.json; re-export the bundle")
+    for needed in (ONNX_FILE, TOKENIZER_FILE) + ((CONTEXT_FILE,) if manifest["kind"] == "full" else ()):
+        if needed not in manifest["files"]:
+            raise BundleError(f"{file} does not list {needed}; re-export the bundle")
+    return Bundle(path=path, manifest=manifest)
