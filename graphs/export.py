@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
@@ -41,6 +42,8 @@ def export_step(step: StepModule) -> Any:
                # total = past + new: torch.export infers the relation, it cannot be declared
                "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
                "past": tuple({0: batch, 2: past} for _ in range(2 * layers))}
+    # the exporter warns once per torchvision op it cannot register; none of them is ours
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(step.eval(), example_inputs(step), dynamo=True, dynamic_shapes=dynamic,

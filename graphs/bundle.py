@@ -1,0 +1,104 @@
+"""Writing a bundle (schema in nectar_runtime.bundle): ONNX file, tokenizer.json, bundle.json, atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from nectar_runtime.bundle import (CONTEXT_FILE, FORMAT, MANIFEST, ONNX_FILE, TOKENIZER_FILE, BundleError,
+                                   file_entry)
+
+EXTERNAL_DATA = "model.onnx.data"
+EXTERNAL_THRESHOLD = 1 << 30      # protobuf stops at 2 GB; move weights out well before that
+
+
+class BundleOutputError(BundleError):
+    pass
+
+
+def check_bundle_output(out: Path) -> None:
+    """Refuse to replace anything but an empty folder or an earlier bundle (checked before any work)."""
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise BundleOutputError(f"{out} exists and is not a bundle; choose an empty or new -o folder")
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of every initializer of the graph (what the ONNX file carries besides structure)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _check(path: Path) -> None:
+    """onnx.checker with full check (type and shape inference) on the written file."""
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def write_bundle(out: Path, model: ir.Model, tokenizer_json: str, manifest: dict[str, Any],
+                 context_kv: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Save graph, tokenizer and (for full bundles) the context KV into a temp folder, check, then rename."""
+    out = Path(out).expanduser()
+    check_bundle_output(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        external = weight_bytes(model) > EXTERNAL_THRESHOLD
+        ir.save(model, tmp / ONNX_FILE, external_data=EXTERNAL_DATA if external else None)
+        _check(tmp / ONNX_FILE)
+        (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
+        if context_kv is not None:
+            from safetensors.numpy import save_file
+
+            save_file(context_kv, str(tmp / CONTEXT_FILE))
+        names = [ONNX_FILE, TOKENIZER_FILE] + ([EXTERNAL_DATA] if external else []) + \
+                ([CONTEXT_FILE] if context_kv is not None else [])
+        manifest = dict(manifest, format=FORMAT, files={name: file_entry(tmp / name) for name in names})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def io_spec(model: ir.Model) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Graph inputs and outputs as bundle.json entries {name, dtype, shape} (axis names for dynamic dims)."""
+    def entry(value: ir.Value) -> dict[str, Any]:
+        shape = [d if isinstance(d, int) else str(d) for d in value.shape] if value.shape is not None else None
+        return {"name": value.name, "dtype": np.dtype(value.dtype.numpy()).name, "shape": shape}
+    return [entry(v) for v in model.graph.inputs], [entry(v) for v in model.graph.outputs]
+
+
+def update_bundle_manifest(path: Path, key: str, value: Any, files: list[str] = ()) -> None:
+    """Set one manifest entry (e.g. an engine) and register new files, atomically."""
+    file = Path(path) / MANIFEST
+    manifest = json.loads(file.read_text())
+    manifest[key] = value
+    for name in files:
+        manifest["files"][name] = file_entry(Path(path) / name)
+    tmp = file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, file)
+
+
+def tensors_with_dim(model: ir.Model, size: int) -> list[str]:
+    """Names of initializers and typed values with a static dimension equal to `size` (e.g. the context length)."""
+    values = list(model.graph.initializers.values()) + list(model.graph.inputs) + list(model.graph.outputs) + \
+        [out for node in model.graph for out in node.outputs]
+    return sorted({v.name for v in values if v.shape is not None and any(d == size for d in v.shape
+                                                                       if isinstance(d, int))})

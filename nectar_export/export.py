@@ -1,0 +1,143 @@
+"""`nectar-export export`: artifact -> step module -> ONNX -> passes -> lint -> bundle."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nectar_export import __version__
+from nectar_export.artifact import load_artifact, read_manifest
+from nectar_export.errors import NectarError
+from nectar_export.models import load_model
+from nectar_export.prefill import prefill
+from nectar_export.queries import pad_id, stop_ids
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    artifact: Path
+    output: Path
+    precision: str = "fp32"
+    baseline: bool = False          # the full-attention graph: context KV as past input
+    all_logits: bool = False
+    variant: str = "nectar"         # which of the artifact's head sets ('nectar' or an ablation)
+    model: str | None = None        # override the artifact's recorded model source
+
+
+class Stages:
+    """A progress bar over the named stages of a long command (the dynamo export alone takes minutes)."""
+
+    def __init__(self, names: list[str]):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=len(names), desc="export", unit="stage")
+
+    def __call__(self, name: str) -> None:
+        if self.bar.n or self.bar.postfix:
+            self.bar.update(1)
+        self.bar.set_postfix_str(name)
+
+    def close(self) -> None:
+        self.bar.update(self.bar.total - self.bar.n)
+        self.bar.close()
+
+
+def run_export(config: ExportConfig) -> dict[str, Any]:
+    """Build the bundle for an artifact; returns its manifest."""
+    from nectar_graphs.bundle import check_bundle_output, io_spec, tensors_with_dim, weight_bytes, write_bundle
+    from nectar_graphs.export import IR_VERSION, OPSET, export_step
+    from nectar_graphs.lint import lint
+    from nectar_graphs.passes import (cleanup, convert_precision, fold_constants, fuse_sibling_matmuls,
+                                      op_counts, run_pipeline)
+    from nectar_graphs.step import StepModule, nectar_contexts
+
+    if config.precision not in PRECISIONS:
+        raise NectarError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    check_bundle_output(config.output)
+    manifest = read_manifest(config.artifact)
+    loaded = load_model(config.model or manifest["model"]["source"])
+    artifact = load_artifact(config.artifact, loaded.fingerprint)
+    if config.variant not in artifact.heads:
+        raise NectarError(f"artifact has no variant {config.variant!r}; it has {', '.join(artifact.heads)}")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    _check_sliding_window(model.config, artifact.n + manifest["positions"]["max_new_tokens"])
+    heldout = json.loads((Path(config.artifact).expanduser() / "heldout.json").read_text())
+    cache = prefill(model, heldout["context_ids"])
+    if config.baseline:
+        step = StepModule(model, None, config.all_logits)
+    else:
+        exact = cache.exact_index(*artifact.exact_tokens)
+        pairs = artifact.heads[config.variant]
+        step = StepModule(model, nectar_contexts(pairs, [k[:, exact] for k in cache.keys],
+                                                 [v[:, exact] for v in cache.values]), config.all_logits)
+    stage = Stages(["torch.onnx.export", "passes", "lint", "write"])
+    stage("torch.onnx.export")
+    graph = export_step(step.eval())
+    stage("passes")
+    reports = run_pipeline(graph, [fold_constants, fuse_sibling_matmuls, convert_precision(config.precision), cleanup])
+    inputs, outputs = io_spec(graph)
+    kv_dtype = inputs[3]["dtype"]
+    context_kv = _context_kv(cache, kv_dtype) if config.baseline else None
+    stage("lint")
+    import onnx_ir as ir
+
+    report = lint(ir.to_proto(graph))
+    stage("write")
+    bundle = {
+        "kind": "full" if config.baseline else "nectar", "precision": config.precision, "kv_dtype": kv_dtype,
+        "n": artifact.n, "first_position": artifact.n, "max_new_tokens": manifest["positions"]["max_new_tokens"],
+        "logits": "all" if config.all_logits else "last",
+        "layers": manifest["model"]["layers"], "kv_heads": manifest["model"]["kv_heads"],
+        "head_dim": manifest["model"]["head_dim"], "vocab_size": int(model.config.vocab_size),
+        "inputs": inputs, "outputs": outputs,
+        "past": {"key": "past_key_values.{layer}.key", "value": "past_key_values.{layer}.value",
+                 "present_key": "present.{layer}.key", "present_value": "present.{layer}.value"},
+        "template": {"question": manifest["context"]["question_template"]},
+        "stop_token_ids": sorted(stop_ids(tokenizer)), "pad_token_id": pad_id(tokenizer),
+        "source": {"artifact": str(Path(config.artifact).expanduser().resolve()),
+                   "model_source": manifest["model"]["source"], "model_fingerprint": loaded.fingerprint,
+                   "context_sha256": manifest["context"]["sha256"],
+                   "variant": None if config.baseline else config.variant, "code_version": __version__},
+        "graph": {"opset": OPSET, "ir_version": IR_VERSION, "passes": [r.to_json() for r in reports],
+                  "op_counts": op_counts(graph), "weight_bytes": weight_bytes(graph),
+                  "base_params": sum(p.numel() for p in model.parameters()),
+                  "nectar_params": nectar_params(step), "dims_equal_to_n": len(tensors_with_dim(graph, artifact.n)),
+                  "lint": report},
+    }
+    try:
+        return write_bundle(config.output, graph, tokenizer.backend_tokenizer.to_str(), bundle, context_kv)
+    finally:
+        stage.close()
+
+
+def nectar_params(step: Any) -> int:
+    """Numbers the document leaves in the graph: every pair's weights and buffers plus the exact tokens' KV."""
+    contexts = [layer.self_attn.context for layer in step.layers if layer.self_attn.context is not None]
+    return sum(t.numel() for c in contexts for t in [*c.parameters(), *c.buffers()])
+
+
+def _context_kv(cache: Any, dtype: str) -> dict[str, Any]:
+    """The context's keys and values as [1, Hkv, n, D] arrays named after the past inputs."""
+    import numpy as np
+
+    np_dtype = np.dtype(dtype) if dtype != "bfloat16" else __import__("ml_dtypes").bfloat16
+    out = {}
+    for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+        out[f"past_key_values.{i}.key"] = k.unsqueeze(0).float().numpy().astype(np_dtype)
+        out[f"past_key_values.{i}.value"] = v.unsqueeze(0).float().numpy().astype(np_dtype)
+    return out
+
+
+def _check_sliding_window(config: Any, positions: int) -> None:
+    """The step graph attends to every token; refuse a model whose sliding window would cut the context."""
+    window = getattr(config, "sliding_window", None)
+    if window and (getattr(config, "use_sliding_window", True) is not False) and window < positions:
+        raise NectarError(f"the model attends within a sliding window of {window} tokens, shorter than the "
+                          f"{positions} positions of context plus new tokens; export supports full attention only")

@@ -1,0 +1,114 @@
+"""ONNX Runtime on the CPU: the step graph with the KV of the running sequence held as host arrays."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from nectar_runtime.backends.base import Backend, BackendError
+from nectar_runtime.bundle import CONTEXT_FILE, Bundle
+
+
+def kv_numpy_dtype(name: str) -> Any:
+    """numpy dtype of the bundle's KV I/O ('bfloat16' needs ml_dtypes)."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise BackendError("this bundle's KV is bfloat16, which needs the ml_dtypes package") from None
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def load_context_kv(bundle: Bundle, dtype: Any) -> list[np.ndarray]:
+    """The context's keys and values [1, Hkv, n, D] per layer, in past-input order (full bundles)."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(bundle.path / CONTEXT_FILE))
+    try:
+        return [np.ascontiguousarray(tensors[name].astype(dtype, copy=False)) for name in bundle.past_names()]
+    except KeyError as exc:
+        raise BackendError(f"{bundle.path / CONTEXT_FILE} lacks {exc}; re-export the bundle") from None
+
+
+class OrtCpuBackend(Backend):
+    name = "ort-cpu"
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, optimize: bool = True):
+        super().__init__(bundle)
+        self.threads, self.optimize = threads, optimize
+        self.session: Any = None
+        self.past: list[np.ndarray] = []
+        self.length = 0        # tokens in the past: context (full bundles) plus new tokens so far
+        self.new_tokens = 0
+
+    def activate(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendError("ort-cpu needs onnxruntime: pip install onnxruntime") from None
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        if not self.optimize:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.bundle.onnx_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:   # onnxruntime raises its own Fail/InvalidProtobuf types
+            raise BackendError(f"ONNX Runtime cannot load {self.bundle.onnx_path}: "
+                               f"{str(exc).splitlines()[0][:300]}") from None
+        self.kv_dtype = kv_numpy_dtype(self.bundle["kv_dtype"])
+        self.context = load_context_kv(self.bundle, self.kv_dtype) if self.bundle.kind == "full" else None
+        self.active = True
+
+    def release(self) -> None:
+        self.session, self.past, self.context, self.active = None, [], None, False
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, feeds)))
+
+    def reset(self, batch: int = 1) -> None:
+        b = self.bundle
+        if self.context is not None:
+            self.past = [np.repeat(kv, batch, axis=0) if batch > 1 else kv for kv in self.context]
+        else:
+            self.past = [np.zeros((batch, b["kv_heads"], 0, b["head_dim"]), self.kv_dtype)
+                         for _ in range(2 * b["layers"])]
+        self.length = self.past[0].shape[2]
+        self.new_tokens = 0
+
+    def feeds(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Inputs of the next step: positions continue after the past; every past and new token is visible."""
+        B, T = input_ids.shape
+        if self.new_tokens + T > self.bundle["max_new_tokens"]:
+            raise BackendError(f"{self.new_tokens + T} new tokens exceed this bundle's window of "
+                               f"{self.bundle['max_new_tokens']}")
+        start = self.bundle["first_position"] + self.new_tokens
+        positions = np.broadcast_to(np.arange(start, start + T, dtype=np.int64), (B, T))
+        feeds = {"input_ids": input_ids.astype(np.int64, copy=False), "position_ids": np.ascontiguousarray(positions),
+                 "attention_mask": np.ones((B, self.length + T), dtype=np.int64)}
+        feeds.update(zip(self.bundle.past_names(), self.past))
+        return feeds
+
+    def step(self, input_ids: np.ndarray) -> np.ndarray:
+        outputs = self.session.run(None, self.feeds(input_ids))
+        self.past = outputs[1:]
+        self.length += input_ids.shape[1]
+        self.new_tokens += input_ids.shape[1]
+        return np.asarray(outputs[0][:, -1], dtype=np.float32)
+
+
+def make_backend(bundle: Bundle, name: str = "ort-cpu", **options: Any) -> Backend:
+    """The backend called `name` for this bundle (not yet activated)."""
+    if name == "ort-cpu":
+        return OrtCpuBackend(bundle, **options)
+    if name == "ort-cuda":
+        from nectar_runtime.backends.ort_cuda import OrtCudaBackend
+        return OrtCudaBackend(bundle, **options)
+    if name == "tensorrt":
+        from nectar_runtime.backends.tensorrt import TensorRTBackend
+        return TensorRTBackend(bundle)
+    raise BackendError(f"unknown backend {name!r}; choose ort-cpu, ort-cuda or tensorrt")

@@ -1,0 +1,119 @@
+"""`nectar-export export / verify / build` on the tiny artifact, and their answers to bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import export_bundle, run_cli
+
+
+def _verify(bundle: Path, *flags: str) -> dict:
+    result = run_cli("verify", str(bundle), "--prompts", "4", "--json", *flags)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+def _fails(result, out: Path | None, *words: str) -> None:
+    assert result.returncode == 2, result.stderr[-1500:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in result.stderr, result.stderr[-1500:]
+    for word in words:
+        assert word in last, last
+    if out is not None:
+        assert not out.exists()
+        assert not any(p.name.startswith(f".{out.name}.") for p in out.parent.iterdir())
+
+
+def test_nectar_bundle_is_self_describing_and_holds_only_the_heads(nectar_bundle, artifact):
+    manifest = json.loads((nectar_bundle / "bundle.json").read_text())
+    art = json.loads((artifact / "nectar.json").read_text())
+    assert manifest["kind"] == "nectar" and manifest["n"] == art["context"]["n"] == manifest["first_position"]
+    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json"}
+    graph = manifest["graph"]
+    assert graph["nectar_params"] == art["fit"]["nectar_params"]
+    # the file's weights are the base model's plus the Nectar heads (a few small constants besides)
+    expected = 4 * (graph["base_params"] + graph["nectar_params"])
+    assert expected <= graph["weight_bytes"] < expected + 4096, (graph["weight_bytes"], expected)
+    assert graph["lint"]["unsupported_ops"] == {}
+    assert graph["dims_equal_to_n"] == 0
+    assert [p["name"] for p in graph["passes"]] == ["fold_constants", "fuse_sibling_matmuls",
+                                                    "convert_precision", "cleanup"]
+    assert manifest["template"]["question"] == art["context"]["question_template"]
+
+
+def test_verify_nectar_bundle_matches_torch(nectar_bundle):
+    report = _verify(nectar_bundle)
+    assert report["top1_match"] == 1.0 and report["compared_steps"] == 4 * 11
+    assert report["max_abs_logit_diff"] < 1e-4
+    assert set(report["max_abs_diff_by_output"]) == {"logits"} | {f"present.{i}.{kv}" for i in range(2)
+                                                                  for kv in ("key", "value")}
+    assert report["fusion_counts"] == {"gate_up": 2, "nectar_head": 2, "qkv": 2}
+
+
+def test_verify_full_bundle_matches_transformers(full_bundle):
+    manifest = json.loads((full_bundle / "bundle.json").read_text())
+    assert manifest["kind"] == "full" and "context.safetensors" in manifest["files"]
+    report = _verify(full_bundle)
+    assert report["top1_match"] == 1.0 and report["max_abs_logit_diff"] < 1e-4
+
+
+def test_fp16_bundle_is_half_the_size_and_close(artifact, nectar_bundle, tmp_path):
+    bundle = export_bundle(artifact, tmp_path / "fp16", "--precision", "fp16")
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert manifest["kv_dtype"] == "float16"
+    full = json.loads((nectar_bundle / "bundle.json").read_text())["graph"]["weight_bytes"]
+    assert manifest["graph"]["weight_bytes"] < 0.52 * full
+    report = _verify(bundle)
+    assert report["max_abs_logit_diff"] < 0.05 and report["top1_match"] >= 0.9
+
+
+def test_export_refuses_a_model_that_cannot_be_found(artifact, tmp_path):
+    moved = tmp_path / "art"
+    shutil.copytree(artifact, moved)
+    manifest = json.loads((moved / "nectar.json").read_text())
+    manifest["model"]["source"] = str(tmp_path / "gone")
+    (moved / "nectar.json").write_text(json.dumps(manifest))
+    out = tmp_path / "bundle"
+    _fails(run_cli("export", str(moved), "-o", str(out)), out, "model not found")
+
+
+def test_export_refuses_an_unsupported_architecture(artifact, tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "bundle"
+    _fails(run_cli("export", str(artifact), "--model", str(tmp_path / "gpt2"), "-o", str(out)), out,
+           "unsupported architecture 'gpt2'")
+
+
+def test_export_leaves_a_foreign_folder_alone(artifact, tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = run_cli("export", str(artifact), "-o", str(out))
+    assert result.returncode == 2 and "not a bundle" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_corrupt_onnx_is_refused(nectar_bundle, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(nectar_bundle, bundle)
+    size = (bundle / "model.onnx").stat().st_size
+    (bundle / "model.onnx").write_bytes(b"\x00garbage" * (size // 8) + b"\x00" * (size % 8))
+    _fails(run_cli("verify", str(bundle)), None, "model.onnx", "sha256")
+
+
+def test_build_without_tensorrt_names_the_package(nectar_bundle, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(nectar_bundle, bundle)
+    before = (bundle / "bundle.json").read_text()
+    _fails(run_cli("build", str(bundle), "--engine", "tensorrt"), None, "pip install tensorrt")
+    assert (bundle / "bundle.json").read_text() == before and not (bundle / "model.plan").exists()

@@ -1,0 +1,147 @@
+"""The exported step graph of every architecture against torch, in ONNX Runtime (CPU, its optimizations off).
+
+Nectar graph: against the Hugging Face model with Nectar attention (random heads and exact tokens),
+over a prefill and ten decode steps. Baseline graph: against transformers' own attention with the
+context's KV in its cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+
+from conftest import tiny_model
+from nectar_export.attention import ExactContext, cache_keyword, forward, nectar_mode
+from nectar_export.heads import HeadsContext, MLPPair
+from nectar_graphs.export import export_step
+from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, run_pipeline
+from nectar_graphs.step import StepModule, nectar_contexts
+
+N, EXACT, PROMPT, STEPS, TOL = 37, 5, 6, 10, 1e-4
+
+
+def _session(model: ir.Model, path) -> "onnxruntime.InferenceSession":
+    import onnxruntime as ort
+
+    proto = ir.to_proto(model)
+    onnx.save(proto, path)
+    onnx.checker.check_model(str(path), full_check=True)
+    onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _heads(model, seed: int = 1):
+    """Random MLP pairs and exact tokens per layer, scaled so their partial matters in the merge."""
+    cfg = model.config
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(seed)
+    pairs, keys, values = [], [], []
+    for _ in range(cfg.num_hidden_layers):
+        pair = MLPPair(cfg.num_key_value_heads, dim, 16, 8)
+        for p in pair.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+        pairs.append(pair.eval())
+        keys.append(torch.randn(cfg.num_key_value_heads, EXACT, dim, generator=g))
+        values.append(torch.randn(cfg.num_key_value_heads, EXACT, dim, generator=g))
+    return pairs, keys, values
+
+
+def _run_graph(session, first_ids: torch.Tensor, steps: list[int], start: int, past: list[np.ndarray]) -> list[np.ndarray]:
+    """Logits of a prefill of first_ids then one step per token in steps, feeding presents back."""
+    names = [i.name for i in session.get_inputs()]
+    ids, length, position, logits = first_ids, past[0].shape[2], start, []
+    for token in [None, *steps]:
+        if token is not None:
+            ids = torch.tensor([[token]])
+        T = ids.shape[1]
+        feeds = [ids.numpy(), np.arange(position, position + T).reshape(1, T), np.ones((1, length + T), np.int64), *past]
+        out = session.run(None, dict(zip(names, feeds)))
+        logits.append(out[0][:, -1])
+        past, length, position = out[1:], length + T, position + T
+    return logits
+
+
+def _run_torch(model, first_ids: torch.Tensor, start: int, cache) -> tuple[list[np.ndarray], list[int]]:
+    """Greedy decode in torch: logits after the prefill and after each of STEPS tokens, and those tokens."""
+    ids, position, logits, tokens = first_ids, start, [], []
+    with torch.inference_mode():
+        for _ in range(STEPS + 1):
+            T = ids.shape[1]
+            out = forward(model, ids, torch.arange(position, position + T).unsqueeze(0), cache, logits_to_keep=1)[:, -1]
+            logits.append(out.numpy())
+            position += T
+            ids = out.argmax(-1, keepdim=True)
+            tokens.append(int(ids))
+    return logits, tokens[:-1]
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3"])
+def exported(request, tmp_path_factory):
+    arch = request.param
+    model = tiny_model(arch)
+    pairs, keys, values = _heads(model)
+    folder = tmp_path_factory.mktemp(arch)
+    graphs = {}
+    for kind, contexts in (("nectar", nectar_contexts(pairs, keys, values)), ("full", None)):
+        graph = export_step(StepModule(model, contexts).eval())
+        reports = run_pipeline(graph, [fold_constants, fuse_sibling_matmuls, convert_precision("fp32"), cleanup])
+        graphs[kind] = (_session(graph, folder / f"{kind}.onnx"), reports, graph)
+    return arch, model, (pairs, keys, values), graphs
+
+
+def test_nectar_graph_matches_torch_nectar_model(exported):
+    arch, model, (pairs, keys, values), graphs = exported
+    from transformers import DynamicCache
+
+    session = graphs["nectar"][0]
+    prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(2))
+    contexts = [HeadsContext(p, ExactContext(k, v)) for p, k, v in zip(pairs, keys, values)]
+    with nectar_mode(model, contexts):
+        ref, tokens = _run_torch(model, prompt, N, DynamicCache(config=model.config))
+    cfg = model.config
+    dim = keys[0].shape[-1]
+    empty = [np.zeros((1, cfg.num_key_value_heads, 0, dim), np.float32) for _ in range(2 * cfg.num_hidden_layers)]
+    got = _run_graph(session, prompt, tokens, N, empty)
+    gaps = [float(np.abs(a - b).max()) for a, b in zip(got, ref)]
+    assert len(gaps) == STEPS + 1
+    assert max(gaps) < TOL, f"{arch}: logit gaps per step {gaps}"
+    spread = max(float(np.abs(r).max()) for r in ref)
+    assert spread > 0.1, "logits too flat for the comparison to mean anything"
+
+
+def test_baseline_graph_matches_transformers_full_attention(exported):
+    arch, model, _, graphs = exported
+    from transformers import DynamicCache
+
+    session = graphs["full"][0]
+    g = torch.Generator().manual_seed(3)
+    context = torch.randint(0, model.config.vocab_size, (1, N), generator=g)
+    prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT), generator=g)
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=context, use_cache=True, **{cache_keyword(model): cache})   # stock attention
+    past = [t.numpy().copy() for layer in cache.layers for t in (layer.keys, layer.values)]
+    ref, tokens = _run_torch(model, prompt, N, cache)
+    got = _run_graph(session, prompt, tokens, N, past)
+    gaps = [float(np.abs(a - b).max()) for a, b in zip(got, ref)]
+    assert max(gaps) < TOL, f"{arch}: logit gaps per step {gaps}"
+
+
+def test_graph_io_and_fusions(exported):
+    arch, model, _, graphs = exported
+    session, reports, graph = graphs["nectar"]
+    layers = model.config.num_hidden_layers
+    fused = next(r for r in reports if r.name == "fuse_sibling_matmuls").counts
+    assert fused == {"gate_up": layers, "nectar_head": layers, "qkv": layers}
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    assert inputs["input_ids"] == ["batch", "sequence"]
+    assert inputs["attention_mask"] == ["batch", "total_sequence"]
+    assert inputs["past_key_values.0.key"][2] == "past_sequence"
+    assert [o.name for o in session.get_outputs()][:2] == ["logits", "present.0.key"]
+    dims = {d for v in graph.graph.initializers.values() for d in v.const_value.shape}
+    assert N not in dims, "a constant carries the context length"
