@@ -1,10 +1,12 @@
 # Two entry points: `make demo` (the main job on the embedded defaults) and `make test`.
+# `make bench` is the CPU decode-latency benchmark (long: fits and exports 2 x 5 bundles).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo
+QUESTION ?= What does the with statement do, and what does it call on entry and exit?
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 $(BIN)/nectar-export: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +18,20 @@ $(BIN)/nectar-export: pyproject.toml constraints.txt
 
 install: $(BIN)/nectar-export
 
+# document -> fit -> export (Nectar and the full-attention baseline) -> run both on one question
 demo: install
-	$(BIN)/nectar-export fit --quick --context-tokens 1024 -o $(DEMO_DIR)
-	$(BIN)/nectar-export eval $(DEMO_DIR)
+	$(BIN)/nectar-export fit --quick --no-ablations --context-tokens 1024 -o $(DEMO_DIR)/artifact
+	$(BIN)/nectar-export export $(DEMO_DIR)/artifact -o $(DEMO_DIR)/nectar
+	$(BIN)/nectar-export export $(DEMO_DIR)/artifact --baseline -o $(DEMO_DIR)/full
+	$(BIN)/nectar-export run $(DEMO_DIR)/nectar --prompt "$(QUESTION)" --max-new-tokens 64
+	$(BIN)/nectar-export run $(DEMO_DIR)/full --prompt "$(QUESTION)" --max-new-tokens 64
 
+# NECTAR_EDGE_VENV=1: also install the runtime alone into a fresh venv and generate with it (no torch)
 test: install
-	$(BIN)/python -m pytest -q tests
+	NECTAR_EDGE_VENV=1 $(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/nectar-export bench --make --work runs/bench
 
 clean:
 	rm -rf $(VENV) runs

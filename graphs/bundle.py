@@ -58,6 +58,7 @@ def write_bundle(out: Path, model: ir.Model, tokenizer_json: str, manifest: dict
             from safetensors.numpy import save_file
 
             save_file(context_kv, str(tmp / CONTEXT_FILE))
+            os.chmod(tmp / CONTEXT_FILE, 0o644)          # safetensors creates it owner-only
         names = [ONNX_FILE, TOKENIZER_FILE] + ([EXTERNAL_DATA] if external else []) + \
                 ([CONTEXT_FILE] if context_kv is not None else [])
         manifest = dict(manifest, format=FORMAT, files={name: file_entry(tmp / name) for name in names})

@@ -107,6 +107,19 @@ def _dynamic_dims(graph: onnx.GraphProto) -> dict[str, dict[int, str]]:
     return result
 
 
+CONSTANT_AXES = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceLogSumExp",
+                 "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum", "Squeeze", "Unsqueeze")
+
+
+def _non_constant_axes(graph: onnx.GraphProto) -> list[str]:
+    """Nodes whose `axes` input TensorRT needs at build time but the graph computes at run time."""
+    constant = {init.name for init in graph.initializer}
+    constant |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+    return sorted(f"{node.op_type} {node.name}" for node in graph.node
+                  if node.op_type in CONSTANT_AXES and len(node.input) > 1 and node.input[1]
+                  and node.input[1] not in constant)
+
+
 def lint(model: onnx.ModelProto) -> dict[str, Any]:
     """Report ops TensorRT's ONNX parser lacks or restricts, custom-domain ops and the axes a profile needs."""
     functions = {(f.domain, f.name): f for f in model.functions}
@@ -124,6 +137,7 @@ def lint(model: onnx.ModelProto) -> dict[str, Any]:
     return {"unsupported_ops": {op: n for op, n in sorted(ops.items()) if op not in TENSORRT_OPS},
             "restricted_ops": {op: TENSORRT_RESTRICTIONS[op] for op in sorted(ops) if op in TENSORRT_RESTRICTIONS},
             "custom_domain_ops": sorted(custom),
+            "non_constant_axes": _non_constant_axes(model.graph),
             "dynamic_dims": dynamic,
             "profile_axes": sorted({name for axes in dynamic.values() for name in axes.values()}),
             "op_counts": dict(sorted(ops.items())),
@@ -133,13 +147,15 @@ def lint(model: onnx.ModelProto) -> dict[str, Any]:
 def format_lint(report: dict[str, Any]) -> str:
     """A short human-readable version of a lint report."""
     counts = report["op_counts"]
-    ok = not report["unsupported_ops"] and not report["custom_domain_ops"]
+    ok = not report["unsupported_ops"] and not report["custom_domain_ops"] and not report["non_constant_axes"]
     lines = [f"TensorRT lint: {sum(counts.values())} nodes, {len(counts)} op types: "
              + ("parser supports all of them" if ok else "NOT parseable as is")]
     if report["unsupported_ops"]:
         lines.append("  unsupported: " + ", ".join(f"{op} x{n}" for op, n in report["unsupported_ops"].items()))
     if report["custom_domain_ops"]:
         lines.append("  custom domain (need a plugin): " + ", ".join(report["custom_domain_ops"]))
+    if report["non_constant_axes"]:
+        lines.append("  axes computed at run time: " + ", ".join(report["non_constant_axes"][:10]))
     for op, note in report["restricted_ops"].items():
         lines.append(f"  restricted {op}: {note}")
     for name, axes in report["dynamic_dims"].items():

@@ -148,13 +148,11 @@ def _keeps_fp32(node: ir.Node) -> bool:
 
 def convert_precision(precision: str) -> Pass:
     """A pass converting float32 weights and arithmetic to `precision`, fp32 islands kept (see FP32_MODULES)."""
-    if precision == "fp32":
-        return lambda model: PassReport("convert_precision", False, {})
-    low = LOW[precision]
-
-    def run(model: ir.Model) -> PassReport:
-        return _convert(model, low, precision)
-    return run
+    def convert_precision(model: ir.Model) -> PassReport:
+        if precision == "fp32":
+            return PassReport("convert_precision", False, {})
+        return _convert(model, LOW[precision], precision)
+    return convert_precision
 
 
 def _is_float(value: ir.Value | None, dtype: ir.DataType = ir.DataType.FLOAT) -> bool:

@@ -20,9 +20,13 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Print a user error as one line and exit non-zero, without a traceback."""
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from nectar_runtime.backends.base import BackendError
+        from nectar_runtime.bundle import BundleError
+        from nectar_runtime.errors import GenerationError
+
         try:
             return fn(*args, **kwargs)
-        except NectarError as exc:
+        except (NectarError, BundleError, BackendError, GenerationError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -88,6 +92,152 @@ def evaluate(artifact: str, model: str | None, questions: int | None, as_json: b
 
     report = run_eval(Path(artifact), model, questions)
     click.echo(json.dumps(report, indent=2) if as_json else table(report))
+
+
+@main.command("export")
+@click.argument("artifact", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Weights and arithmetic; softmax, log-sum-exp, merge, norms and rotary stay fp32.")
+@click.option("--baseline", is_flag=True, help="Export the full-attention graph (context KV as past input) instead.")
+@click.option("--all-logits", is_flag=True, help="Return logits for every new token, not only the last.")
+@click.option("--variant", default="nectar", show_default=True, help="Which head set of the artifact to export.")
+@click.option("--model", default=None, help="Model to load instead of the one recorded in the artifact.")
+@friendly_errors
+def export_command(artifact: str, output: str, **options: Any) -> None:
+    """Fuse an artifact's heads with the base decoder into an ONNX bundle."""
+    from nectar_export.export import ExportConfig, run_export
+
+    manifest = run_export(ExportConfig(artifact=Path(artifact), output=Path(output), **options))
+    graph = manifest["graph"]
+    click.echo(f"wrote {output}: {manifest['kind']} {manifest['precision']} graph, "
+               f"{manifest['files']['model.onnx']['bytes']:,} bytes, {sum(graph['op_counts'].values())} nodes; "
+               f"lint: {len(graph['lint']['unsupported_ops'])} operators TensorRT lacks")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--prompts", type=int, default=24, show_default=True, help="Held-out questions to run.")
+@click.option("--steps", type=int, default=10, show_default=True, help="Greedy decode steps after each prompt.")
+@click.option("--backend", default="ort-cpu", show_default=True, type=click.Choice(["ort-cpu", "ort-cuda"]))
+@click.option("--model", default=None, help="Model to load instead of the one recorded in the bundle.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@friendly_errors
+def verify(bundle: str, prompts: int, steps: int, backend: str, model: str | None, as_json: bool) -> None:
+    """Run a bundle in ONNX Runtime beside the torch model and report the logit gaps."""
+    from nectar_export.verify import run_verify
+
+    report = run_verify(Path(bundle), prompts, steps, backend, model)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{report['kind']} {report['precision']} on {report['backend']}: {report['prompts']} prompts x "
+               f"{report['steps_per_prompt']} steps, top1_match {report['top1_match']:.4f}, "
+               f"max_abs_logit_diff {report['max_abs_logit_diff']:.3g} "
+               f"(median {report['median_abs_logit_diff']:.3g}), fusions {report['fusion_counts']}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--engine", type=click.Choice(["tensorrt"]), default="tensorrt", show_default=True)
+@click.option("--profile", default=None,
+              help="Largest shapes for the optimization profile, e.g. 'batch=1,sequence=128,past=512'.")
+@friendly_errors
+def build(bundle: str, engine: str, profile: str | None) -> None:
+    """Build an inference engine (TensorRT) from a bundle's ONNX graph and add it to the bundle."""
+    from nectar_export.engine import build_tensorrt
+
+    info = build_tensorrt(Path(bundle), profile)
+    click.echo(f"wrote {Path(bundle) / info['file']} (TensorRT {info['tensorrt_version']}, "
+               f"{info['build_seconds']:.0f} s)")
+
+
+RUNTIME_BACKENDS = ["ort-cpu", "ort-cuda", "tensorrt"]
+
+
+def decoding_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options run and chat share: backend and sampling."""
+    options = [
+        click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Answer tokens at most."),
+        click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default="ort-cpu", show_default=True),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 means greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest (0: off)."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass (1: off)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _sampling(options: dict[str, Any]) -> Any:
+    from nectar_runtime.sampling import Sampling
+
+    return Sampling(**{k: options[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")})
+
+
+def _echo_text(text: str) -> None:
+    click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--prompt", required=True, help="The question about the bundle's document.")
+@click.option("--stream", is_flag=True, help="Print the answer as it is produced.")
+@decoding_options
+@friendly_errors
+def run(bundle: str, prompt: str, stream: bool, backend: str, **options: Any) -> None:
+    """Answer one question with a bundle (torch-free runtime); the last line gives the measured latency."""
+    from nectar_runtime.generate import Generator
+
+    sampling = _sampling(options)
+    with Generator(bundle, backend) as generator:
+        result = generator.generate(prompt, sampling, on_text=_echo_text if stream else None)
+    click.echo("" if stream else result.text)
+    click.echo(result.timing_line(backend))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@decoding_options
+@friendly_errors
+def chat(bundle: str, backend: str, **options: Any) -> None:
+    """Ask questions about the bundle's document, one per line (each a fresh question); an empty line or EOF ends."""
+    from nectar_runtime.errors import GenerationError
+    from nectar_runtime.generate import Generator
+
+    sampling = _sampling(options)
+    interactive = sys.stdin.isatty()
+    with Generator(bundle, backend) as generator:
+        while True:
+            if interactive:
+                click.echo("> ", nl=False, err=True)
+            question = sys.stdin.readline().strip()
+            if not question:
+                break
+            try:
+                result = generator.generate(question, sampling, on_text=_echo_text)
+            except GenerationError as exc:          # one bad question does not end the session
+                click.echo(f"error: {exc}", err=True)
+                continue
+            click.echo("")
+            click.echo(result.timing_line(backend))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@friendly_errors
+def bench(args: tuple[str, ...]) -> None:
+    """Decode latency of Nectar and full-attention bundles against n (bench/decode_latency.py; --help there)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "decode_latency.py"
+    if not script.is_file():
+        raise NectarError(f"{script} not found: the benchmark runs from a source checkout of nectar-export")
+    spec = importlib.util.spec_from_file_location("decode_latency", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.exit(module.main(list(args)))
 
 
 if __name__ == "__main__":

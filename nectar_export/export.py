@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,20 +33,26 @@ class ExportConfig:
 
 
 class Stages:
-    """A progress bar over the named stages of a long command (the dynamo export alone takes minutes)."""
+    """A progress bar over the named stages of a long command, with each stage's seconds."""
 
     def __init__(self, names: list[str]):
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=len(names), desc="export", unit="stage")
+        self.seconds: dict[str, float] = {}
+        self.current: tuple[str, float] | None = None
 
-    def __call__(self, name: str) -> None:
-        if self.bar.n or self.bar.postfix:
+    def __call__(self, name: str | None) -> None:
+        now = time.perf_counter()
+        if self.current is not None:
+            self.seconds[self.current[0]] = round(now - self.current[1], 2)
             self.bar.update(1)
-        self.bar.set_postfix_str(name)
+        self.current = (name, now) if name else None
+        if name:
+            self.bar.set_postfix_str(name)
 
     def close(self) -> None:
-        self.bar.update(self.bar.total - self.bar.n)
+        self(None)
         self.bar.close()
 
 
@@ -55,7 +62,7 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
     from nectar_graphs.export import IR_VERSION, OPSET, export_step
     from nectar_graphs.lint import lint
     from nectar_graphs.passes import (cleanup, convert_precision, fold_constants, fuse_sibling_matmuls,
-                                      op_counts, run_pipeline)
+                                      op_counts)
     from nectar_graphs.step import StepModule, nectar_contexts
 
     if config.precision not in PRECISIONS:
@@ -77,11 +84,14 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
         pairs = artifact.heads[config.variant]
         step = StepModule(model, nectar_contexts(pairs, [k[:, exact] for k in cache.keys],
                                                  [v[:, exact] for v in cache.values]), config.all_logits)
-    stage = Stages(["torch.onnx.export", "passes", "lint", "write"])
+    passes = [fold_constants, fuse_sibling_matmuls, convert_precision(config.precision), cleanup]
+    stage = Stages(["torch.onnx.export", *[p.__name__ for p in passes], "lint", "write"])
     stage("torch.onnx.export")
     graph = export_step(step.eval())
-    stage("passes")
-    reports = run_pipeline(graph, [fold_constants, fuse_sibling_matmuls, convert_precision(config.precision), cleanup])
+    reports = []
+    for graph_pass in passes:
+        stage(graph_pass.__name__)
+        reports.append(graph_pass(graph))
     inputs, outputs = io_spec(graph)
     kv_dtype = inputs[3]["dtype"]
     context_kv = _context_kv(cache, kv_dtype) if config.baseline else None
@@ -111,6 +121,7 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
                   "nectar_params": nectar_params(step), "dims_equal_to_n": len(tensors_with_dim(graph, artifact.n)),
                   "lint": report},
     }
+    bundle["graph"]["export_seconds"] = stage.seconds       # the write stage's own time is not in the file
     try:
         return write_bundle(config.output, graph, tokenizer.backend_tokenizer.to_str(), bundle, context_kv)
     finally:

@@ -19,7 +19,8 @@ bundle.json (format "nectar-bundle/1"):
     inputs, outputs [{"name", "dtype", "shape"}], shape entries are ints or axis names
     past            {"key": "past_key_values.{layer}.key", "value": ..., "present_key": "present.{layer}.key",
                      "present_value": ...}: name templates
-    template        {"question": text with "{question}" placed after the document}
+    template        {"question": str.format text placed after the document: "{question}" marks the user's
+                    text, literal braces are doubled}
     stop_token_ids, pad_token_id
     files           {name: {"bytes", "sha256"}} for every file above that is present
     source          {"artifact", "model_fingerprint", "context_sha256", "variant", "code_version"}
@@ -92,7 +93,14 @@ class Bundle:
                 for kv in ("present_key", "present_value")]
 
     def prompt_text(self, question: str) -> str:
-        return self.manifest["template"]["question"].replace("{question}", question)
+        """The text after the document for a question: the template is a str.format string (literal braces
+        doubled, as the exporter writes it), filled exactly as nectar_export.queries.question_ids does."""
+        template = self.manifest["template"]["question"]
+        try:
+            return template.format(question=question)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise BundleError(f"bundle.json's question template {template!r} is not a format string with only "
+                              f"{{question}} ({exc}); re-export the bundle") from None
 
 
 def load_bundle(path: str | Path, check_hashes: bool = False) -> Bundle:

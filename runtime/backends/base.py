@@ -19,6 +19,21 @@ import numpy as np
 from nectar_runtime.bundle import Bundle
 
 
+def kv_capacity(bundle: Bundle) -> int:
+    """Tokens a past buffer must hold: the new-token window, plus the context for full bundles."""
+    return bundle["max_new_tokens"] + (bundle["n"] if bundle.kind == "full" else 0)
+
+
+def step_inputs(input_ids: np.ndarray, position: int, past: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, position_ids, attention_mask) int64 for T new tokens at `position` after `past` cached ones."""
+    ids = np.ascontiguousarray(input_ids, dtype=np.int64)                       # [B, T]
+    batch, tokens = ids.shape
+    positions = np.ascontiguousarray(np.broadcast_to(np.arange(position, position + tokens, dtype=np.int64),
+                                                     (batch, tokens)))          # [B, T]
+    mask = np.ones((batch, past + tokens), dtype=np.int64)                      # [B, P + T]
+    return ids, positions, mask
+
+
 class BackendError(Exception):
     """A backend that cannot run here (package absent, no device) or a request it cannot serve."""
 

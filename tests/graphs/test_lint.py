@@ -132,3 +132,17 @@ def test_tables_are_consistent():
         assert op in TENSORRT_OPS
     for op in ("Det", "Unique", "BitShift", "MatMulInteger", "SequenceAt", "StringSplit", "TfIdfVectorizer"):
         assert op not in TENSORRT_OPS
+
+
+def test_lint_flags_axes_computed_at_run_time():
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("ReduceSum", ["x", "axes"], ["y"], name="sum_runtime_axes"),
+             helper.make_node("ReduceSum", ["y", "fixed"], ["z"], name="sum_fixed_axes")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4]),
+                                           helper.make_tensor_value_info("axes", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+                              [helper.make_tensor("fixed", TensorProto.INT64, [1], [0])])
+    report = lint(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    assert report["non_constant_axes"] == ["ReduceSum sum_runtime_axes"]
+    assert "axes computed at run time" in format_lint(report)

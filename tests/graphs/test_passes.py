@@ -117,3 +117,13 @@ def test_fp16_graph_runs_close_to_fp32():
 def test_fp32_precision_is_a_no_op():
     model = _softmax_graph()
     assert not convert_precision("fp32")(model).changed
+
+
+def test_tensors_with_dim_finds_initializers_and_values():
+    from nectar_graphs.bundle import tensors_with_dim
+
+    model = _softmax_graph()            # w [8, 6], v [6, 4], x [2, 8]
+    assert tensors_with_dim(model, 6) == ["v", "w"]
+    assert tensors_with_dim(model, 5) == []
+    convert_precision("fp16")(model)    # typed intermediates: s [2, 6] and its casts
+    assert {"s", "v", "w"} <= set(tensors_with_dim(model, 6))

@@ -1,0 +1,187 @@
+"""ONNX Runtime's CUDA execution provider with IOBinding: the KV cache stays on the GPU for the whole sequence.
+
+NOT RUN ON THE MACHINE IT WAS WRITTEN ON: the build and test machines have no GPU and carry the CPU
+`onnxruntime` wheel, so only the error path (no CUDA EP -> BackendError) is tested there. It follows the
+onnxruntime Python API of 1.2x/1.3x (`InferenceSession.io_binding`, `IOBinding.bind_input/bind_output`
+with raw device pointers, `OrtValue.ortvalue_from_shape_and_type`) and is meant for `onnxruntime-gpu`.
+
+Buffers (allocated once per `reset` whose batch differs from the last):
+    per past tensor, two device buffers [B, Hkv, capacity, D], capacity = max_new_tokens (+ n for full bundles);
+    full bundles: the context's KV [B, Hkv, n, D] uploaded to the device once (per batch size).
+A step binds the past as a view [B, Hkv, P, D] at the start of buffer `cur` and the present
+[B, Hkv, P + T, D] at the start of buffer `1 - cur`; then the two swap. Only the logits come back to the host.
+
+Why a view at the start of a max-size buffer is exact: a contiguous [B, Hkv, P, D] tensor occupies the first
+B*Hkv*P*D elements of any buffer at least that large, and its strides follow from the bound shape, not from
+the shape the buffer was allocated with. The present written as contiguous [B, Hkv, P + T, D] is therefore,
+byte for byte, the past of the next step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from nectar_runtime.backends.base import Backend, BackendError, kv_capacity, step_inputs
+from nectar_runtime.backends.ort import kv_numpy_dtype, load_context_kv
+from nectar_runtime.bundle import Bundle
+
+CUDA_EP = "CUDAExecutionProvider"
+BFLOAT16 = 16                     # onnx.TensorProto.BFLOAT16: ORT takes ONNX type ints where numpy has no type
+GPU_INSTALL = ("ort-cuda needs onnxruntime-gpu with the CUDA execution provider (this onnxruntime offers {found}); "
+               "install onnxruntime-gpu instead of onnxruntime (never both), or use --backend ort-cpu")
+
+
+def import_onnxruntime_cuda() -> Any:
+    """onnxruntime with its CUDA libraries preloaded; BackendError when the CUDA EP is absent."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendError("ort-cuda needs onnxruntime-gpu: pip install onnxruntime-gpu") from None
+    if hasattr(ort, "preload_dlls"):        # finds the CUDA/cuDNN libraries of pip-installed nvidia-* packages
+        try:
+            ort.preload_dlls()
+        except Exception:                   # a system CUDA install may still serve; the session check decides
+            pass
+    providers = ort.get_available_providers()
+    if CUDA_EP not in providers:
+        raise BackendError(GPU_INSTALL.format(found=", ".join(providers)))
+    return ort
+
+
+class OrtCudaBackend(Backend):
+    """One CUDA-EP session; KV in two device buffers per past tensor, bound ping-pong through IOBinding."""
+
+    name = "ort-cuda"
+    device = "cuda"                 # where the KV buffers live (the tests bind the same way on "cpu")
+
+    def __init__(self, bundle: Bundle, device_id: int = 0, optimize: bool = True):
+        super().__init__(bundle)
+        self.device_id, self.optimize = device_id, optimize
+        self.session: Any = None
+        self._ort: Any = None
+        self._binding: Any = None
+        self._kv: dict[str, list[Any]] = {}        # past name -> [buffer 0, buffer 1] device OrtValues
+        self._context: dict[str, Any] = {}         # past name -> device OrtValue [B, Hkv, n, D] (full bundles)
+        self._batch = 0
+        self._cur = 0                              # which buffer of each pair holds the past
+        self._on_context = False                   # the next step reads the past from the context values
+        self._past = 0                             # P: cached tokens (context included for full bundles)
+        self._new = 0
+
+    # -- resources -------------------------------------------------------------------------------
+
+    def _open(self) -> tuple[Any, Any]:
+        """(onnxruntime module, session on the CUDA EP); BackendError when it cannot run here."""
+        ort = import_onnxruntime_cuda()
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if not self.optimize:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        providers = [(CUDA_EP, {"device_id": self.device_id}), "CPUExecutionProvider"]
+        try:
+            session = ort.InferenceSession(str(self.bundle.onnx_path), options, providers=providers)
+        except Exception as exc:
+            raise BackendError(f"ONNX Runtime (CUDA) cannot load {self.bundle.onnx_path}: "
+                               f"{str(exc).splitlines()[0][:300]}") from None
+        if CUDA_EP not in session.get_providers():
+            raise BackendError(f"ONNX Runtime fell back to {session.get_providers()}: no usable CUDA device "
+                               f"{self.device_id}; check the driver and CUDA libraries, or use --backend ort-cpu")
+        return ort, session
+
+    def activate(self) -> None:
+        self._ort, self.session = self._open()
+        self._binding = self.session.io_binding()
+        self.kv_dtype = kv_numpy_dtype(self.bundle["kv_dtype"])
+        self._element = BFLOAT16 if self.bundle["kv_dtype"] == "bfloat16" else np.dtype(self.bundle["kv_dtype"]).type
+        self.active = True
+        self.reset(1)
+
+    def release(self) -> None:
+        self._kv, self._context, self._batch = {}, {}, 0
+        self._binding = self.session = None
+        self.active = False
+
+    def _device_value(self, shape: list[int]) -> Any:
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(shape, self._element, self.device, self.device_id)
+
+    def _allocate(self, batch: int) -> None:
+        """Two device buffers per past tensor, each [B, Hkv, capacity, D]; the context KV for full bundles."""
+        b = self.bundle
+        shape = [batch, b["kv_heads"], kv_capacity(b), b["head_dim"]]
+        self._kv = {name: [self._device_value(shape), self._device_value(shape)] for name in b.past_names()}
+        self._context = self._upload_context(batch) if b.kind == "full" else {}
+        self._batch = batch
+
+    def _upload_context(self, batch: int) -> dict[str, Any]:
+        """The context's KV copied to the device once: past name -> OrtValue [B, Hkv, n, D]."""
+        if self.bundle["kv_dtype"] == "bfloat16":
+            raise BackendError("ort-cuda does not upload a bfloat16 context KV; export the full-attention bundle "
+                               "with --precision fp16 or fp32")
+        host = load_context_kv(self.bundle, self.kv_dtype)                      # [1, Hkv, n, D] each
+        ort = self._ort
+        return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.repeat(kv, batch, axis=0)),
+                                                      self.device, self.device_id)
+                for name, kv in zip(self.bundle.past_names(), host)}
+
+    # -- sequences -------------------------------------------------------------------------------
+
+    def reset(self, batch: int = 1) -> None:
+        """Start a sequence: empty past (Nectar bundles) or the uploaded context KV (full bundles)."""
+        if not self.active:
+            raise BackendError("the ort-cuda backend is not active; use it as a context manager")
+        if batch != self._batch:
+            self._allocate(batch)
+        full = self.bundle.kind == "full"
+        self._cur, self._new = 0, 0
+        self._on_context, self._past = full, (self.bundle["n"] if full else 0)
+
+    def _past_ptr(self, name: str) -> int:
+        source = self._context[name] if self._on_context else self._kv[name][self._cur]
+        return source.data_ptr()
+
+    def _bind(self, input_ids: np.ndarray) -> None:
+        """Bind this step's I/O: small int inputs from the host, past/present as device views, logits to host."""
+        m, io = self.bundle.manifest, self._binding
+        ids, positions, mask = step_inputs(input_ids, m["first_position"] + self._new, self._past)
+        batch, tokens = ids.shape
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        io.bind_output(m["outputs"][0]["name"], "cpu")       # first output bound: get_outputs()[0] is the logits
+        for name, array in (("input_ids", ids), ("position_ids", positions), ("attention_mask", mask)):
+            io.bind_cpu_input(name, array)
+        past_shape = [batch, m["kv_heads"], self._past, m["head_dim"]]                  # [B, Hkv, P, D]
+        present_shape = [batch, m["kv_heads"], self._past + tokens, m["head_dim"]]      # [B, Hkv, P + T, D]
+        nxt = 1 - self._cur
+        for past_name, present_name in zip(self.bundle.past_names(), self.bundle.present_names()):
+            io.bind_input(past_name, self.device, self.device_id, self._element, past_shape, self._past_ptr(past_name))
+            io.bind_output(present_name, self.device, self.device_id, self._element, present_shape,
+                           self._kv[past_name][nxt].data_ptr())
+
+    def step(self, input_ids: np.ndarray) -> np.ndarray:
+        """Run T new tokens [B, T] at the next positions; KV stays on the device; returns logits [B, V] fp32."""
+        if not self.active:
+            raise BackendError("the ort-cuda backend is not active; use it as a context manager")
+        batch, tokens = np.shape(input_ids)
+        if batch != self._batch:
+            raise BackendError(f"step got batch {batch}, the sequence was reset with batch {self._batch}")
+        if self._new + tokens > self.bundle["max_new_tokens"]:
+            raise BackendError(f"{self._new} + {tokens} new tokens exceed this bundle's window of "
+                               f"{self.bundle['max_new_tokens']}; reset() to start a new sequence")
+        self._bind(input_ids)
+        self.session.run_with_iobinding(self._binding)
+        logits = self._binding.get_outputs()[0].numpy()                                  # [B, 1 or T, V]
+        self._cur, self._on_context = 1 - self._cur, False
+        self._past, self._new = self._past + tokens, self._new + tokens
+        return np.asarray(logits[:, -1], dtype=np.float32)
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One plain call with host arrays in and out (ORT copies them; no sequence state)."""
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, feeds)))
+
+    def kv_bytes(self) -> int:
+        """Device bytes held for the KV: both buffers of every pair plus the uploaded context."""
+        values = [v for pair in self._kv.values() for v in pair] + list(self._context.values())
+        return sum(int(np.prod(v.shape())) * np.dtype(self.kv_dtype).itemsize for v in values)

@@ -1,0 +1,267 @@
+"""TensorRT backend: runs a bundle's prebuilt engine (`model.plan`) with the KV cache kept on the GPU.
+
+UNVERIFIED: TensorRT is served only from NVIDIA's package index, which the build and test machines do
+not reach, so this code follows the TensorRT 10/11 Python API (named I/O tensors, `set_input_shape`,
+`set_tensor_address`, `execute_async_v3`) and cuda-python's runtime bindings without having run.
+Only its error paths are tested. `tensorrt` and cuda-python are imported inside `activate`, so the
+module imports on any machine.
+
+Graph I/O (bundle.json names the past/present tensors):
+    input_ids [B, T] int64, position_ids [B, T] int64, attention_mask [B, P + T] int64,
+    past key/value [B, Hkv, P, D] per layer  ->  logits [B, 1, V] fp32 (or [B, T, V]), present [B, Hkv, P + T, D].
+
+Each past tensor owns two device buffers sized for the whole window. A step reads the past from buffer
+`cur` and has TensorRT write the present into buffer `1 - cur`; then the two swap roles. The present
+of one step is, byte for byte, the contiguous past of the next, so the cache never visits the host;
+only the logits come back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nectar_runtime.backends.base import Backend, BackendError, kv_capacity, step_inputs
+from nectar_runtime.bundle import CONTEXT_FILE, Bundle
+
+IDS, POSITIONS, MASK = "input_ids", "position_ids", "attention_mask"
+TRT_INSTALL = ("TensorRT is not installed: pip install tensorrt (from NVIDIA's index, https://pypi.nvidia.com; "
+               "`pip install --extra-index-url https://pypi.nvidia.com tensorrt`), or run the bundle with an "
+               "ONNX Runtime backend")
+CUDA_INSTALL = ("cuda-python is not installed: pip install cuda-python (major version matching the CUDA driver, "
+                "e.g. cuda-python>=13 for CUDA 13), or run the bundle with an ONNX Runtime backend")
+
+
+def _import_tensorrt() -> Any:
+    try:
+        import tensorrt
+    except ImportError:
+        raise BackendError(TRT_INSTALL) from None
+    return tensorrt
+
+
+def _import_cudart() -> Any:
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6 and 13
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            raise BackendError(CUDA_INSTALL) from None
+    return cudart
+
+
+class TensorRTBackend(Backend):
+    """One TensorRT execution context over the bundle's engine, with ping-pong KV buffers on the device."""
+
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle):
+        super().__init__(bundle)
+        self._trt: Any = None
+        self._cudart: Any = None
+        self._engine: Any = None
+        self._context: Any = None
+        self._stream: Any = None
+        self._io: dict[str, int] = {}               # input_ids, position_ids, attention_mask, logits: device ptrs
+        self._kv: dict[str, list[int]] = {}         # past name -> [buffer 0, buffer 1]
+        self._batch = 0                             # batch the buffers are sized for
+        self._cur = 0                               # which buffer of each pair holds the past
+        self._past = 0                              # P: cached tokens (context included for full bundles)
+        self._new = 0                               # new tokens run so far
+
+    # -- resources -------------------------------------------------------------------------------
+
+    def _engine_path(self) -> Path:
+        entry = self.bundle.manifest.get("engines", {}).get("tensorrt")
+        path = self.bundle.path / entry["file"] if entry else None
+        if path is None or not path.is_file():
+            raise BackendError(f"bundle {self.bundle.path} has no TensorRT engine; build one with "
+                               "`nectar-export build BUNDLE --engine tensorrt`")
+        return path
+
+    def _check(self, result: Any) -> Any:
+        """Unwrap a cuda-python (err, *values) tuple, raising BackendError on a CUDA error."""
+        err, *values = result
+        if err != self._cudart.cudaError_t.cudaSuccess:
+            raise BackendError(f"CUDA error {err}: {self._cudart.cudaGetErrorString(err)[1]}")
+        return values[0] if len(values) == 1 else (values or None)
+
+    def activate(self) -> None:
+        path = self._engine_path()
+        self._trt, self._cudart = _import_tensorrt(), _import_cudart()
+        trt = self._trt
+        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise BackendError(f"TensorRT {trt.__version__} could not load {path}: engines are tied to the TensorRT "
+                               "version and GPU they were built with; rebuild with `nectar-export build BUNDLE "
+                               "--engine tensorrt` on this machine")
+        self._engine, self._context = engine, engine.create_execution_context()
+        self.active = True
+        try:
+            self._stream = self._check(self._cudart.cudaStreamCreate())
+            self.reset(1)
+        except BaseException:
+            self.release()
+            raise
+
+    def _malloc(self, nbytes: int) -> int:
+        return int(self._check(self._cudart.cudaMalloc(max(int(nbytes), 1))))
+
+    def _free_buffers(self) -> None:
+        for ptr in [*self._io.values(), *(p for pair in self._kv.values() for p in pair)]:
+            self._cudart.cudaFree(ptr)
+        self._io, self._kv, self._batch = {}, {}, 0
+
+    def release(self) -> None:
+        if self._cudart is not None:
+            self._free_buffers()
+            if self._stream is not None:
+                self._cudart.cudaStreamDestroy(self._stream)
+        self._stream = self._context = self._engine = None
+        self.active = False
+
+    def _itemsize(self, name: str) -> int:
+        return int(self._engine.get_tensor_dtype(name).itemsize)
+
+    def _allocate(self, batch: int) -> None:
+        """Device buffers for `batch` sequences over the whole window; the KV pair per past tensor."""
+        self._free_buffers()
+        m = self.bundle.manifest
+        window, capacity = m["max_new_tokens"], kv_capacity(self.bundle)
+        logits_rows = window if m["logits"] == "all" else 1
+        logits_name = m["outputs"][0]["name"]
+        self._io = {IDS: self._malloc(batch * window * 8), POSITIONS: self._malloc(batch * window * 8),
+                    MASK: self._malloc(batch * capacity * 8),
+                    logits_name: self._malloc(batch * logits_rows * m["vocab_size"] * 4)}
+        kv_bytes = batch * m["kv_heads"] * capacity * m["head_dim"]
+        self._kv = {name: [self._malloc(kv_bytes * self._itemsize(name)) for _ in range(2)]
+                    for name in self.bundle.past_names()}
+        self._batch = batch
+
+    def _h2d(self, ptr: int, array: np.ndarray) -> None:
+        # from pageable memory the call returns once the bytes are staged, so `array` may be dropped after it
+        kind = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._check(self._cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, kind, self._stream))
+
+    def _d2h(self, array: np.ndarray, ptr: int) -> None:
+        kind = self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._check(self._cudart.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes, kind, self._stream))
+
+    def _bind_input(self, name: str, shape: tuple[int, ...], ptr: int) -> None:
+        if not self._context.set_input_shape(name, shape):
+            raise BackendError(f"shape {list(shape)} of {name} is outside the engine's optimization profile; "
+                               "rebuild the engine with a profile that covers it")
+        self._context.set_tensor_address(name, ptr)
+
+    def _sync(self) -> None:
+        self._check(self._cudart.cudaStreamSynchronize(self._stream))
+
+    # -- sequences -------------------------------------------------------------------------------
+
+    def _max_batch(self) -> int:
+        """Largest batch the engine's optimization profile 0 accepts."""
+        return int(self._engine.get_tensor_profile_shape(IDS, 0)[2][0])
+
+    def reset(self, batch: int = 1) -> None:
+        """Start a sequence: empty past (Nectar bundles) or the context's KV as the past (full bundles)."""
+        if not self.active:
+            raise BackendError("the TensorRT backend is not active; use it as a context manager")
+        if not 1 <= batch <= self._max_batch():
+            raise BackendError(f"batch {batch} is outside the engine's profile (1..{self._max_batch()}); "
+                               "rebuild the engine with a larger batch")
+        if batch != self._batch:
+            self._allocate(batch)
+        self._cur, self._new, self._past = 0, 0, 0
+        if self.bundle.kind == "full":
+            self._load_context(batch)
+
+    def _load_context(self, batch: int) -> None:
+        """Copy the context's KV (context.safetensors, keyed by past input name) into buffer 0 of every pair."""
+        from safetensors.numpy import load_file
+
+        try:
+            kv_dtype = np.dtype(self.bundle["kv_dtype"])
+        except TypeError:
+            raise BackendError(f"kv_dtype {self.bundle['kv_dtype']!r} has no numpy type, so {CONTEXT_FILE} cannot be "
+                               "uploaded; export the full-attention bundle with fp16 or fp32 KV") from None
+        tensors = load_file(str(self.bundle.path / CONTEXT_FILE))
+        for name, (ptr, _) in self._kv.items():
+            if name not in tensors:
+                raise BackendError(f"{CONTEXT_FILE} lacks {name}; re-export the bundle")
+            kv = tensors[name]                                                   # [1 or B, Hkv, n, D]
+            host = np.ascontiguousarray(np.broadcast_to(kv, (batch, *kv.shape[1:])), dtype=kv_dtype)
+            self._h2d(ptr, host)
+        self._sync()
+        self._past = self.bundle["n"]
+
+    def step(self, input_ids: np.ndarray) -> np.ndarray:
+        """Run T new tokens [B, T] at the next positions; keep their KV on the device; return logits [B, V] fp32."""
+        if not self.active:
+            raise BackendError("the TensorRT backend is not active; use it as a context manager")
+        m = self.bundle.manifest
+        ids, positions, mask = step_inputs(input_ids, m["first_position"] + self._new, self._past)
+        batch, tokens = ids.shape
+        if batch != self._batch:
+            raise BackendError(f"step got batch {batch}, the sequence was reset with batch {self._batch}")
+        if self._new + tokens > m["max_new_tokens"]:
+            raise BackendError(f"{self._new} + {tokens} new tokens exceed the bundle's window of "
+                               f"{m['max_new_tokens']}; reset() to start a new sequence")
+        ctx, past, nxt = self._context, self._past, 1 - self._cur
+        for name, array in ((IDS, ids), (POSITIONS, positions), (MASK, mask)):
+            array = array.astype(self._trt.nptype(self._engine.get_tensor_dtype(name)), copy=False)
+            self._h2d(self._io[name], array)
+            self._bind_input(name, array.shape, self._io[name])
+        kv_shape = (batch, m["kv_heads"], past, m["head_dim"])                        # [B, Hkv, P, D]
+        for past_name, present_name in zip(self.bundle.past_names(), self.bundle.present_names()):
+            self._bind_input(past_name, kv_shape, self._kv[past_name][self._cur])
+            ctx.set_tensor_address(present_name, self._kv[past_name][nxt])
+        logits_name = m["outputs"][0]["name"]
+        ctx.set_tensor_address(logits_name, self._io[logits_name])
+        if not ctx.execute_async_v3(int(self._stream)):
+            raise BackendError("TensorRT execute_async_v3 failed; the TensorRT log above says why")
+        logits = np.empty(tuple(ctx.get_tensor_shape(logits_name)),                    # [B, 1 or T, V]
+                          dtype=self._trt.nptype(self._engine.get_tensor_dtype(logits_name)))
+        self._d2h(logits, self._io[logits_name])
+        self._sync()
+        self._cur, self._past, self._new = nxt, past + tokens, self._new + tokens
+        return logits[:, -1].astype(np.float32)
+
+    # -- plain call ------------------------------------------------------------------------------
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call of the engine with host arrays in and out (temporary device buffers; no sequence state).
+
+        Host arrays use numpy types, so bf16 I/O (no numpy dtype) is not served here; step() does not need it.
+        """
+        if not self.active:
+            raise BackendError("the TensorRT backend is not active; use it as a context manager")
+        trt, engine, ctx = self._trt, self._engine, self._context
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        missing = sorted(set(inputs) - set(feeds))
+        if missing:
+            raise BackendError(f"infer needs the inputs {missing}")
+        ptrs: list[int] = []
+        try:
+            hosts = {n: np.ascontiguousarray(feeds[n], dtype=trt.nptype(engine.get_tensor_dtype(n))) for n in inputs}
+            for name, array in hosts.items():
+                ptrs.append(self._malloc(array.nbytes))
+                self._h2d(ptrs[-1], array)
+                self._bind_input(name, array.shape, ptrs[-1])
+            outputs = {n: np.empty(tuple(ctx.get_tensor_shape(n)), dtype=trt.nptype(engine.get_tensor_dtype(n)))
+                       for n in names if n not in hosts}
+            for name, array in outputs.items():
+                ptrs.append(self._malloc(array.nbytes))
+                ctx.set_tensor_address(name, ptrs[-1])
+            if not ctx.execute_async_v3(int(self._stream)):
+                raise BackendError("TensorRT execute_async_v3 failed; the TensorRT log above says why")
+            for ptr, array in zip(ptrs[len(hosts):], outputs.values()):
+                self._d2h(array, ptr)
+            self._sync()
+            return outputs
+        finally:
+            for ptr in ptrs:
+                self._cudart.cudaFree(ptr)

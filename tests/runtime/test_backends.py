@@ -1,0 +1,108 @@
+"""Backends on real bundles: damaged bundles and unavailable backends fail in one line; the IOBinding KV
+ping-pong of the CUDA backend, bound to host memory, gives the plain CPU backend's logits and cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from nectar_runtime.backends.base import BackendError
+from nectar_runtime.backends.ort import OrtCpuBackend, make_backend
+from nectar_runtime.backends.ort_cuda import OrtCudaBackend
+from nectar_runtime.bundle import BundleError, load_bundle
+from nectar_runtime.generate import Generator
+
+
+class HostBoundBackend(OrtCudaBackend):
+    """OrtCudaBackend's buffers and bindings exactly, with "cpu" as the device (what this machine can run)."""
+
+    device = "cpu"
+
+    def _open(self):
+        return ort, ort.InferenceSession(str(self.bundle.onnx_path), providers=["CPUExecutionProvider"])
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    text = str(exc.value)
+    assert text and "\n" not in text
+    return text
+
+
+def test_missing_file_is_named(bundle_copy):
+    (bundle_copy / "tokenizer.json").unlink()
+    with pytest.raises(BundleError) as exc:
+        Generator(bundle_copy)
+    assert "tokenizer.json is missing" in one_line(exc)
+
+
+def test_size_mismatch_is_reported(bundle_copy):
+    with open(bundle_copy / "model.onnx", "ab") as fh:
+        fh.write(b"\0" * 16)
+    with pytest.raises(BundleError) as exc:
+        Generator(bundle_copy)
+    assert "bytes, bundle.json says" in one_line(exc)
+
+
+def test_corrupt_onnx_of_the_right_size_fails_on_load(bundle_copy):
+    path = bundle_copy / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[:4096] = b"\xff" * 4096                           # same size, so only ONNX Runtime can notice
+    path.write_bytes(bytes(data))
+    with pytest.raises(BackendError) as exc:
+        Generator(bundle_copy)
+    assert "cannot load" in one_line(exc)
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(bundle_copy, check_hashes=True)
+
+
+def test_corrupt_tokenizer_is_reported(bundle_copy):
+    from nectar_runtime.bundle import file_entry
+    from nectar_runtime.errors import GenerationError
+
+    (bundle_copy / "tokenizer.json").write_text("{not json")
+    manifest = json.loads((bundle_copy / "bundle.json").read_text())
+    manifest["files"]["tokenizer.json"] = file_entry(bundle_copy / "tokenizer.json")
+    (bundle_copy / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(GenerationError) as exc:
+        Generator(bundle_copy)
+    assert "tokenizer.json" in one_line(exc)
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this machine has the CUDA EP")
+def test_ort_cuda_without_the_cuda_ep_says_what_to_install(nectar_bundle):
+    with pytest.raises(BackendError) as exc:
+        Generator(nectar_bundle, backend="ort-cuda")
+    assert "onnxruntime-gpu" in one_line(exc)
+
+
+def test_tensorrt_without_an_engine_says_how_to_build_one(nectar_bundle):
+    with pytest.raises(BackendError) as exc:
+        Generator(nectar_bundle, backend="tensorrt")
+    assert "nectar-export build" in one_line(exc)
+
+
+def test_unknown_backend(nectar_bundle):
+    with pytest.raises(BackendError, match="unknown backend"):
+        make_backend(load_bundle(nectar_bundle), "ort-rocm")
+
+
+@pytest.mark.parametrize("kind", ["nectar", "full"])
+def test_iobinding_ping_pong_equals_the_cpu_backend(bundles, kind):
+    bundle = load_bundle(bundles[kind])
+    prompt = np.array([[1, 17, 300, 4000, 9]], dtype=np.int64)
+    with OrtCpuBackend(bundle) as plain, HostBoundBackend(bundle) as bound:
+        for _ in range(2):                                   # a second sequence reuses the buffers
+            plain.reset(1)
+            bound.reset(1)
+            tokens = prompt
+            for _ in range(6):
+                want, got = plain.step(tokens), bound.step(tokens)
+                np.testing.assert_array_equal(got, want)
+                tokens = want.argmax(-1)[:, None]
+        past = plain.past[0].shape[2]                        # the present of the last step sits in buffer `cur`
+        head = bound._kv[bundle.past_names()[0]][bound._cur].numpy().reshape(-1)[:plain.past[0].size]
+        np.testing.assert_array_equal(head.reshape(plain.past[0].shape), plain.past[0])
+        assert bound._past == past

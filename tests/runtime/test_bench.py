@@ -1,0 +1,39 @@
+"""bench/decode_latency.py on the tiny bundles with a few tokens: rows, ratios, JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def run_cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nectar_export.cli", *args], capture_output=True, text=True,
+                          input=input, timeout=600)
+
+
+KEYS = {"n", "ms_per_token", "prefill_ms", "peak_rss_mb", "bundle_bytes", "kv_bytes"}
+
+
+def test_bench_measures_both_kinds(bundles, tmp_path):
+    done = run_cli("bench", "--bundles", str(bundles["nectar"]), str(bundles["full"]), "--tokens", "8",
+                   "--warmup", "2", "--prompt-tokens", "16", "--out", str(tmp_path), "--json")
+    assert done.returncode == 0, done.stderr
+    table = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(table) == {"nectar", "full"}
+    nectar, full = table["nectar"][0], table["full"][0]
+    for row in (nectar, full):
+        assert set(row) == KEYS and row["n"] == 512
+        assert row["ms_per_token"] > 0 and row["prefill_ms"] > 0 and row["peak_rss_mb"] > 10
+    kv_per_token = full["kv_bytes"] // (512 + 16 + 8)        # fp32 KV of 2 layers x 2 heads x 16 dims, K and V
+    assert kv_per_token == 2 * 2 * 2 * 16 * 4 and nectar["kv_bytes"] == (16 + 8) * kv_per_token
+    assert full["bundle_bytes"] > nectar["bundle_bytes"] - 1_000_000        # the baseline carries the context KV
+    written = json.loads((tmp_path / "decode_latency.json").read_text())
+    assert written["nectar"] == table["nectar"] and written["settings"]["tokens"] == 8
+    assert (tmp_path / "decode_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ms/token" in done.stderr                                           # the table, beside --json
+
+
+def test_bench_needs_something_to_measure(tmp_path):
+    done = run_cli("bench", "--out", str(tmp_path))
+    assert done.returncode != 0 and "nothing to measure" in done.stderr
