@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from nectar_graphs.files import staged_folder, write_json
 from nectar_runtime.bundle import (CONTEXT_FILE, FORMAT, MANIFEST, ONNX_FILE, TOKENIZER_FILE, BundleError,
                                    file_entry)
 
@@ -47,9 +46,7 @@ def write_bundle(out: Path, model: ir.Model, tokenizer_json: str, manifest: dict
     """Save graph, tokenizer and (for full bundles) the context KV into a temp folder, check, then rename."""
     out = Path(out).expanduser()
     check_bundle_output(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         external = weight_bytes(model) > EXTERNAL_THRESHOLD
         ir.save(model, tmp / ONNX_FILE, external_data=EXTERNAL_DATA if external else None)
         _check(tmp / ONNX_FILE)
@@ -63,17 +60,6 @@ def write_bundle(out: Path, model: ir.Model, tokenizer_json: str, manifest: dict
                 ([CONTEXT_FILE] if context_kv is not None else [])
         manifest = dict(manifest, format=FORMAT, files={name: file_entry(tmp / name) for name in names})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -92,9 +78,7 @@ def update_bundle_manifest(path: Path, key: str, value: Any, files: list[str] = 
     manifest[key] = value
     for name in files:
         manifest["files"][name] = file_entry(Path(path) / name)
-    tmp = file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, file)
+    write_json(file, manifest)
 
 
 def tensors_with_dim(model: ir.Model, size: int) -> list[str]:

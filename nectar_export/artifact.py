@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +12,7 @@ import torch
 from nectar_export import __version__
 from nectar_export.errors import NectarError
 from nectar_export.heads import MLPPair, Pair, QuadraturePair
+from nectar_graphs.files import staged_folder, write_json
 
 FORMAT = "nectar-artifact/1"
 MANIFEST = "nectar.json"
@@ -77,9 +75,7 @@ def save_artifact(out: Path, manifest: dict[str, Any], heads: dict[str, list[Pai
     manifest = dict(manifest, format=FORMAT, code_version=__version__,
                     variants={v: {"file": _weights_file(v), "layers": [pair_shape(p) for p in pairs]}
                               for v, pairs in heads.items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         for variant, pairs in heads.items():
             target = tmp / _weights_file(variant)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -87,26 +83,12 @@ def save_artifact(out: Path, manifest: dict[str, Any], heads: dict[str, list[Pai
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def update_manifest(path: Path, key: str, value: Any) -> None:
     """Set one top-level manifest entry (e.g. measured metrics), atomically."""
     file = path / MANIFEST
-    manifest = json.loads(file.read_text())
-    manifest[key] = value
-    tmp = file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, file)
+    write_json(file, dict(json.loads(file.read_text()), **{key: value}))
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from nectar_graphs.step import StepModule, nectar_contexts
 N, EXACT, PROMPT, STEPS, TOL = 37, 5, 6, 10, 1e-4
 
 
-def _session(model: ir.Model, path) -> "onnxruntime.InferenceSession":
+def _session(model: ir.Model, path):
     import onnxruntime as ort
 
     proto = ir.to_proto(model)
