@@ -12,7 +12,6 @@ from nectar_graphs.step import StepModule
 
 OPSET = 20
 IR_VERSION = 10          # ONNX Runtime 1.31 reads IR <= 13 and TensorRT 10/11's parser IR <= 10 (onnx 1.16)
-AXES = {"batch": "batch", "sequence": "sequence", "past": "past_sequence", "total": "total_sequence"}
 
 
 def io_names(layers: int) -> tuple[list[str], list[str]]:

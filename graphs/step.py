@@ -15,14 +15,16 @@ D head dim, E exact context tokens.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nectar_export.heads import Pair
 
+# a fitted pair: any module mapping q [Hkv, N, D] and the softmax scale to (lse [Hkv, N], out [Hkv, N, D]);
+# nectar_export.heads defines them (this package does not import it: dependencies point the other way)
+Pair = nn.Module
 MASKED = -1.0e30   # finite "minus infinity": exp underflows to 0 and no row ever gives NaN
 
 
@@ -210,10 +212,3 @@ def nectar_contexts(pairs: Sequence[Pair], exact_keys: Sequence[torch.Tensor],
     """Per-layer NectarHeads from fitted pairs and the exact tokens' keys/values [Hkv, E, D]."""
     return [NectarHeads(p, k, v) for p, k, v in zip(pairs, exact_keys, exact_values)]
 
-
-def empty_past(model_config: Any, batch: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """Zero-length past keys and values for every layer (the first step of a generation)."""
-    heads = model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    shape = (batch, model_config.num_key_value_heads, 0, head_dim)
-    return [torch.zeros(shape, dtype=dtype) for _ in range(2 * model_config.num_hidden_layers)]

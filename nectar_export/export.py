@@ -136,9 +136,9 @@ def nectar_params(step: Any) -> int:
 
 def _context_kv(cache: Any, dtype: str) -> dict[str, Any]:
     """The context's keys and values as [1, Hkv, n, D] arrays named after the past inputs."""
-    import numpy as np
+    from nectar_runtime.backends.ort import kv_numpy_dtype
 
-    np_dtype = np.dtype(dtype) if dtype != "bfloat16" else __import__("ml_dtypes").bfloat16
+    np_dtype = kv_numpy_dtype(dtype)
     out = {}
     for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
         out[f"past_key_values.{i}.key"] = k.unsqueeze(0).float().numpy().astype(np_dtype)

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from nectar_runtime.backends.base import Backend, BackendError
+from nectar_runtime.backends.base import Backend, BackendError, step_inputs
 from nectar_runtime.bundle import CONTEXT_FILE, Bundle
 
 
@@ -82,14 +82,12 @@ class OrtCpuBackend(Backend):
 
     def feeds(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
         """Inputs of the next step: positions continue after the past; every past and new token is visible."""
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         if self.new_tokens + T > self.bundle["max_new_tokens"]:
             raise BackendError(f"{self.new_tokens + T} new tokens exceed this bundle's window of "
                                f"{self.bundle['max_new_tokens']}")
-        start = self.bundle["first_position"] + self.new_tokens
-        positions = np.broadcast_to(np.arange(start, start + T, dtype=np.int64), (B, T))
-        feeds = {"input_ids": input_ids.astype(np.int64, copy=False), "position_ids": np.ascontiguousarray(positions),
-                 "attention_mask": np.ones((B, self.length + T), dtype=np.int64)}
+        ids, positions, mask = step_inputs(input_ids, self.bundle["first_position"] + self.new_tokens, self.length)
+        feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
         feeds.update(zip(self.bundle.past_names(), self.past))
         return feeds
 
