@@ -13,11 +13,16 @@ exports what is missing under `--work` for every n of `--ns`. Latency depends on
 not on how well the heads were fitted, so `--make` fits with few samples and one epoch (quality is not
 measured here). It calls the fitting library rather than `nectar-export fit --quick` because `fit` reserves
 512 new-token positions and SmolLM2 has 8192, which would refuse n = 8000; here the reserve is
-min(512, positions - n) (192 at n = 8000, enough for 64 + 64 tokens). Note that at a fixed `--budget`
-fraction the Nectar heads grow with n (0.125 of 2*n*d per layer and KV-head), so a little growth of the
-per-token cost with n is expected and is part of what this measures.
+min(512, positions - n) (192 at n = 8000, enough for 64 + 64 tokens).
 
-    python bench/decode_latency.py --make --work runs/bench             # the issue's run (long: 2 x 5 bundles)
+Head size. With `--budget` (a fraction of the context's 2*n*d KV entries per layer and KV-head) the heads
+grow with n, and so does their share of the per-token cost. With `--head-params P` every n gets heads of
+P parameters per layer and KV-head (exact sink and window tokens included), which is how Nectar is meant to
+be deployed: the graph's shapes, and so its cost, are then the same at every n; what changes with n is how
+well heads of that size can fit the context (`nectar-export eval` measures that, not this script).
+The Nectar bundles are named after the setting (`nectar-8000-h32768`), so both kinds of run share `--work`.
+
+    python bench/decode_latency.py --make --head-params 32768 --work runs/bench   # the issue's run (long)
     python bench/decode_latency.py --bundles runs/bench/nectar-512 runs/bench/full-512 --tokens 8 --warmup 2
     nectar-export bench ...                                             # the same script
 
@@ -59,8 +64,52 @@ def forced_tokens(tokenizer: Any, count: int) -> list[int]:
     return [ids[i % len(ids)] for i in range(count)]
 
 
-def measure(path: Path, tokens: int, warmup: int, prompt_tokens: int, threads: int | None) -> dict[str, Any]:
-    """One bundle's row, measured in this process (run it in a fresh one)."""
+def gpu_mem_used_mb(index: int = 0) -> float:
+    """Device memory in use on GPU `index`, all processes, as nvidia-smi reports it (MiB)."""
+    done = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                          capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[0])
+
+
+def summarize_profile(trace: Path, last_runs: int) -> dict[str, Any]:
+    """Per decode step, from ORT's trace: node count, node time, run time, and where node time goes.
+
+    Node events are ORT's host-side view of each kernel (launch included); a step whose run time is far
+    above the GPU's work points at launch and host overhead rather than memory traffic.
+    """
+    import statistics
+
+    events = json.loads(trace.read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[-last_runs:]
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    per_run: list[list[dict[str, Any]]] = [[] for _ in runs]
+    for e in nodes:
+        for i, (start, stop) in enumerate(runs):
+            if start <= e["ts"] <= stop:
+                per_run[i].append(e)
+                break
+    by_op: dict[str, float] = {}
+    providers: dict[str, int] = {}
+    for e in per_run[-1] if per_run else []:
+        op = e.get("args", {}).get("op_name", "?")
+        by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3
+        provider = e.get("args", {}).get("provider", "?")
+        providers[provider] = providers.get(provider, 0) + 1
+    return {"runs": len(runs), "nodes_per_step": statistics.median(len(r) for r in per_run) if runs else 0,
+            "node_ms_per_step": round(statistics.median(sum(e["dur"] for e in r) / 1e3 for r in per_run), 4)
+            if runs else 0,
+            "run_ms_per_step": round(statistics.median((b - a) / 1e3 for a, b in runs), 4) if runs else 0,
+            "last_step_ms_by_op": dict(sorted(((k, round(v, 4)) for k, v in by_op.items()), key=lambda kv: -kv[1])[:15]),
+            "last_step_nodes_by_provider": providers}
+
+
+def measure(path: Path, tokens: int, warmup: int, prompt_tokens: int, threads: int | None,
+            backend_name: str = "ort-cpu", profile: Path | None = None) -> dict[str, Any]:
+    """One bundle's row, measured in this process (run it in a fresh one).
+
+    On ort-cuda the row also has `device_mem_mb`: the GPU's memory in use at the end of the measured pass
+    (this process is meant to be the GPU's only user; the caller subtracts what was in use before it started).
+    """
     import resource
     import statistics
 
@@ -75,15 +124,30 @@ def measure(path: Path, tokens: int, warmup: int, prompt_tokens: int, threads: i
                               f"window of {bundle['max_new_tokens']}")
     tokenizer = load_tokenizer(bundle)
     prompt, feed = bench_prompt(tokenizer, bundle, prompt_tokens), forced_tokens(tokenizer, max(tokens, warmup))
-    with make_backend(bundle, "ort-cpu", threads=threads) as backend:
+    options: dict[str, Any] = {"threads": threads} if backend_name == "ort-cpu" else {}
+    if profile is not None:
+        options["profile"] = str(profile)
+    with make_backend(bundle, backend_name, **options) as backend:
         forced_decode(backend, prompt, feed[:warmup])                      # warm-up: first-run allocations
         result = forced_decode(backend, prompt, feed[:tokens])
-        kv_bytes = sum(int(a.nbytes) for a in backend.past)
+        kv_bytes = kv_bytes_held(bundle, len(prompt) + tokens)
+        device_mem = gpu_mem_used_mb() if backend_name == "ort-cuda" else None
+        trace = summarize_profile(Path(backend.end_profiling()), tokens) if profile is not None else None
     return {"kind": bundle.kind, "n": bundle["n"], "ms_per_token": round(statistics.median(result.token_ms), 4),
             "prefill_ms": round(result.prefill_ms, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "bundle_bytes": sum(int(e["bytes"]) for e in bundle["files"].values()), "kv_bytes": kv_bytes,
-            "bundle": str(path), "tokens": tokens, "prompt_tokens": prompt_tokens}
+            "bundle": str(path), "nectar_params": bundle["graph"].get("nectar_params", 0),
+            "tokens": tokens, "prompt_tokens": prompt_tokens, "backend": backend_name,
+            **({"device_mem_mb": device_mem} if device_mem is not None else {}),
+            **({"profile": trace} if trace is not None else {})}
+
+
+def kv_bytes_held(bundle: Any, new_tokens: int) -> int:
+    """Bytes of the KV a bundle's step reads after `new_tokens` new tokens (context included for full bundles)."""
+    tokens = new_tokens + (bundle["n"] if bundle.kind == "full" else 0)
+    item = {"float32": 4, "float16": 2, "bfloat16": 2}[bundle["kv_dtype"]]
+    return 2 * bundle["layers"] * bundle["kv_heads"] * bundle["head_dim"] * tokens * item
 
 
 def run_child(path: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -92,6 +156,10 @@ def run_child(path: Path, args: argparse.Namespace) -> dict[str, Any]:
            "--warmup", str(args.warmup), "--prompt-tokens", str(args.prompt_tokens)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.backend != "ort-cpu":
+        cmd += ["--backend", args.backend]
+    if args.profile:
+        cmd += ["--profile", str(args.profile)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
@@ -108,9 +176,9 @@ from pathlib import Path
 from nectar_export.config import FitConfig
 from nectar_export.models import resolve_checkpoint
 from nectar_export.pipeline import run_fit
-model, n, budget, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4])
+model, n, heads, out = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), Path(sys.argv[4])
 positions = json.loads((resolve_checkpoint(model) / "config.json").read_text())["max_position_embeddings"]
-config = FitConfig(model=model, context_tokens=n, budget=budget, reserve=min(512, positions - n),
+config = FitConfig(model=model, context_tokens=n, **heads, reserve=min(512, positions - n),
                    continuation=(16, 4, 2), repeat=(4, 1, 1), self_study=(4, 1, 1), answer_tokens=16,
                    epochs=1, ablations=False)
 print(json.dumps(run_fit(config, out)["fit_seconds"]))
@@ -124,15 +192,17 @@ def _call(cmd: list[str], what: str) -> None:
         raise SystemExit(f"error: {what} failed: {(done.stderr.strip() or 'no output').splitlines()[-1]}")
 
 
-def make_bundles(ns: Sequence[int], work: Path, model: str, budget: float) -> list[Path]:
+def make_bundles(ns: Sequence[int], work: Path, model: str, budget: float, head_params: int | None) -> list[Path]:
     """Fit a quick artifact and export both kinds for every n, skipping what already exists."""
     cli = [sys.executable, "-m", "nectar_export.cli"]
+    heads = {"head_params": head_params} if head_params else {"budget": budget}
+    tag = f"-h{head_params}" if head_params else ("" if budget == 0.125 else f"-b{budget:g}")
     bundles = []
     for n in ns:
-        art, nectar, full = work / f"art-{n}", work / f"nectar-{n}", work / f"full-{n}"
+        art, nectar, full = work / f"art-{n}{tag}", work / f"nectar-{n}{tag}", work / f"full-{n}"
         if not (art / "nectar.json").is_file():
-            _call([sys.executable, "-c", FIT_SCRIPT, model, str(n), str(budget), str(art)], f"fit n={n}")
-        for out, extra in ((nectar, []), (full, ["--baseline"])):
+            _call([sys.executable, "-c", FIT_SCRIPT, model, str(n), json.dumps(heads), str(art)], f"fit n={n}")
+        for out, extra in ((nectar, []), (full, ["--baseline"])):      # full: the context is all that matters
             if not (out / "bundle.json").is_file():
                 _call(cli + ["export", str(art), "-o", str(out), *extra], f"export {out.name}")
         bundles += [nectar, full]
@@ -209,10 +279,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ns", default=",".join(map(str, NS)), help="Context lengths for --make.")
     p.add_argument("--model", default="default", help="Model for --make.")
     p.add_argument("--budget", type=float, default=0.125, help="Nectar budget fraction for --make.")
+    p.add_argument("--head-params", type=int, default=None,
+                   help="Heads of this many parameters per layer and KV-head at every n, for --make (beats --budget).")
     p.add_argument("--tokens", type=int, default=64, help="Measured decode steps per bundle.")
     p.add_argument("--warmup", type=int, default=8, help="Decode steps of the warm-up pass.")
     p.add_argument("--prompt-tokens", type=int, default=64, help="Length of the prefilled question.")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
+    p.add_argument("--backend", choices=("ort-cpu", "ort-cuda"), default="ort-cpu",
+                   help="Runtime backend (the issue-4 table is ort-cpu; bench/gpu_decode.py uses ort-cuda).")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="ORT trace file prefix; rows get a per-step summary of it (node counts and times).")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="Folder for the JSON and the PNG.")
     p.add_argument("--json", action="store_true", help="Print the rows as JSON (the table goes to stderr).")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -225,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from nectar_runtime.errors import RUNTIME_ERRORS
 
         try:
-            print(json.dumps(measure(args.child, args.tokens, args.warmup, args.prompt_tokens, args.threads)))
+            print(json.dumps(measure(args.child, args.tokens, args.warmup, args.prompt_tokens, args.threads,
+                                     args.backend, args.profile)))
         except RUNTIME_ERRORS as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -234,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("error: --tokens must be >= 1 and --warmup >= 0")
     bundles = list(args.bundles)
     if args.make:
-        bundles += make_bundles([int(n) for n in args.ns.split(",")], args.work, args.model, args.budget)
+        bundles += make_bundles([int(n) for n in args.ns.split(",")], args.work, args.model, args.budget,
+                                args.head_params)
     if not bundles:
         raise SystemExit("error: nothing to measure; pass --bundles DIR... or --make")
     rows = []
@@ -244,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = split_rows(rows)
     ratio = ratios(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in ("tokens", "warmup", "prompt_tokens", "threads")}
+    settings = {k: getattr(args, k) for k in ("tokens", "warmup", "prompt_tokens", "threads", "backend")}
     (args.out / "decode_latency.json").write_text(json.dumps({**table, "ratios": ratio, "settings": settings,
                                                               "runs": rows}, indent=2))
     plot(table, args.out / "decode_latency.png")

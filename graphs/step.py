@@ -9,6 +9,15 @@ attention as two softmax partials merged exactly.
   context; the exact tokens (sinks, window) are constants; the past is the earlier *new* tokens.
 - Full step: no pair and no constants; the past holds the context's real KV too (the baseline).
 
+Two cache layouts:
+- dynamic (default): the past is [B, Hkv, P, D] and grows; presents are past + new, concatenated.
+- static: the past is a fixed buffer of R slots [B, Hkv, R, D]; the new tokens' keys and values are
+  scattered into slots `cache_position` [T] and the present is the whole buffer. Every shape of a
+  decode step is then the same at every step, and a runtime may bind the present to the past's own
+  memory (ONNX Runtime's ScatterElements skips its copy when input and output share memory): no KV
+  copy per step and a step that CUDA graphs can capture. A slot s is visible to new token t when
+  s <= cache_position[t] (slots fill in order; full bundles keep the context in slots [0, n)).
+
 Shapes: B batch, T new tokens this step, P past tokens, Hq query heads, Hkv KV heads, G = Hq/Hkv,
 D head dim, E exact context tokens.
 """
@@ -115,13 +124,19 @@ class Attention(nn.Module):
         return y.transpose(1, 2)                                                 # [B, H, T, D]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
-                past_v: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                past_v: torch.Tensor, keep: torch.Tensor,
+                slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
         q = rotate(self._project(self.q_proj, self.q_norm, x, self.heads), cos, sin)
         k = rotate(self._project(self.k_proj, self.k_norm, x, self.kv_heads), cos, sin)
         v = self._project(self.v_proj, None, x, self.kv_heads)
-        keys = torch.cat([past_k, k], dim=2)                                      # [B, Hkv, P+T, D]
-        values = torch.cat([past_v, v], dim=2)
+        if slots is None:
+            keys = torch.cat([past_k, k], dim=2)                                  # [B, Hkv, P+T, D]
+            values = torch.cat([past_v, v], dim=2)
+        else:                                                                     # static: [B, Hkv, R, D]
+            index = slots.view(1, 1, T, 1).expand(B, self.kv_heads, T, self.head_dim)
+            keys = past_k.scatter(2, index, k)
+            values = past_v.scatter(2, index, v)
         G = self.heads // self.kv_heads
         qg = q.view(B, self.kv_heads, G, T, self.head_dim)                        # [B, Hkv, G, T, D]
         scores = (qg @ keys.unsqueeze(2).transpose(-1, -2)) * self.scaling        # [B, Hkv, G, T, P+T]
@@ -149,8 +164,9 @@ class Layer(nn.Module):
         self.self_attn = attention
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
-                past_v: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        a, keys, values = self.self_attn(self.input_layernorm(h), cos, sin, past_k, past_v, keep)
+                past_v: torch.Tensor, keep: torch.Tensor,
+                slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a, keys, values = self.self_attn(self.input_layernorm(h), cos, sin, past_k, past_v, keep, slots)
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h)), keys, values
 
@@ -161,10 +177,13 @@ class StepModule(nn.Module):
     input_ids, position_ids: [B, T] int64; attention_mask: [B, P+T] int64 (1 = real token) over the
     past and the new tokens; past: key_0, value_0, key_1, ... each [B, Hkv, P, D]. Outputs logits
     [B, 1, V] (or [B, T, V] with all_logits) in fp32 and the presents [B, Hkv, P+T, D].
+
+    static=True: forward(input_ids, position_ids, cache_position, *past) with cache_position [T] int64,
+    the slots the new tokens fill, and past and presents [B, Hkv, R, D] (see the module docstring).
     """
 
     def __init__(self, hf_model: nn.Module, contexts: Sequence[NectarHeads | None] | None = None,
-                 all_logits: bool = False):
+                 all_logits: bool = False, static: bool = False):
         super().__init__()
         config = hf_model.config
         body = hf_model.model
@@ -177,17 +196,21 @@ class StepModule(nn.Module):
             for layer, ctx in zip(body.layers, contexts))
         rotary = body.rotary_emb
         self.rotary = Rotary(rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)))
-        self.all_logits = all_logits
+        self.all_logits, self.static = all_logits, static
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask_or_slots: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h = self.embed_tokens(input_ids)                                          # [B, T, hidden]
         T = input_ids.shape[1]
         cos, sin = (x.to(h.dtype) for x in self.rotary(position_ids))
-        keep = causal_keep(attention_mask, T)                                     # [B, 1, T, P+T]
+        if self.static:
+            slots = mask_or_slots
+            keep = slot_keep(slots, past[0].shape[2])                             # [1, 1, T, R]
+        else:
+            slots, keep = None, causal_keep(mask_or_slots, T)                     # [B, 1, T, P+T]
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            h, keys, values = layer(h, cos, sin, past[2 * i], past[2 * i + 1], keep)
+            h, keys, values = layer(h, cos, sin, past[2 * i], past[2 * i + 1], keep, slots)
             presents += [keys, values]
         if not self.all_logits:
             h = h[:, -1:]
@@ -205,6 +228,12 @@ def causal_keep(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
     j = torch.arange(S, device=attention_mask.device).unsqueeze(0)
     causal = j <= i + (S - T)                                                     # [T, S]
     return causal.unsqueeze(0).unsqueeze(0) & (attention_mask > 0).unsqueeze(1).unsqueeze(2)
+
+
+def slot_keep(slots: torch.Tensor, R: int) -> torch.Tensor:
+    """[1, 1, T, R] keep-mask of a static cache: new token t sees slot s <= slots[t]."""
+    s = torch.arange(R, device=slots.device).unsqueeze(0)
+    return (s <= slots.unsqueeze(1)).unsqueeze(0).unsqueeze(0)
 
 
 def nectar_contexts(pairs: Sequence[Pair], exact_keys: Sequence[torch.Tensor],

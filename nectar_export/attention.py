@@ -164,8 +164,9 @@ def cache_keyword(model: Any) -> str:
 def forward(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any,
             attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
     """One forward pass over new tokens at explicit positions, updating cache; returns logits [B, T', V]."""
-    kwargs = {cache_keyword(model): cache, "position_ids": position_ids, "use_cache": True,
+    device = model.device
+    kwargs = {cache_keyword(model): cache, "position_ids": position_ids.to(device), "use_cache": True,
               "logits_to_keep": logits_to_keep}
     if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    return model(input_ids=input_ids, **kwargs).logits
+        kwargs["attention_mask"] = attention_mask.to(device)
+    return model(input_ids=input_ids.to(device), **kwargs).logits

@@ -15,7 +15,7 @@ def linear_probe_error(train: LayerData, val: LayerData, ridge: float = 1e-2) ->
 
     x = features(train)
     y = torch.cat([train.ctx_lse.unsqueeze(-1), train.ctx_out], dim=-1)         # [H, N, D+1]
-    gram = x.transpose(1, 2) @ x + ridge * x.shape[1] * torch.eye(x.shape[-1])
+    gram = x.transpose(1, 2) @ x + ridge * x.shape[1] * torch.eye(x.shape[-1], device=x.device)
     w = torch.linalg.solve(gram, x.transpose(1, 2) @ y)                         # [H, D+1, D+1]
     pred = features(val) @ w
     share = torch.sigmoid(pred[..., 0] - val.rest_lse).unsqueeze(-1)

@@ -52,19 +52,25 @@ def main() -> None:
               help="Extra training questions: one per line, or JSONL with a 'prompt' field.")
 @click.option("--budget", type=float, default=0.125, show_default=True,
               help="Parameters as a fraction of the context's KV entries (2*n*d per layer and KV-head).")
+@click.option("--head-params", type=int, default=None,
+              help="Parameters per layer and KV-head, exact tokens included, whatever n is (replaces --budget): "
+                   "heads of one size, so per-token cost does not depend on n.")
 @click.option("--allocation", type=click.Choice(["adaptive", "uniform"]), default="adaptive", show_default=True)
 @click.option("--family", type=click.Choice(["mlp", "quadrature"]), default="mlp", show_default=True)
 @click.option("--sinks", type=int, default=4, show_default=True, help="First context tokens kept as exact KV.")
 @click.option("--window", type=int, default=None,
               help="Last context tokens kept as exact KV [default: an eighth of the budget, 64 at n=4096].")
+@click.option("--reserve", type=int, default=512, show_default=True,
+              help="New-token positions kept free after the context (the bundle's prompt + answer window).")
 @click.option("--epochs", type=int, default=None, help="Maximum epochs per layer (early stopping may end sooner).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--ablations/--no-ablations", default=True, show_default=True,
               help="Also fit the quadrature and uniform-allocation baselines at equal parameters.")
 @click.option("--quick", is_flag=True, help="Fewer samples and epochs: a demo in minutes, lower quality.")
+@click.option("--device", default="cpu", show_default=True, help="Where to fit: cpu, cuda or cuda:N.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
 @friendly_errors
-def fit(output: str, quick: bool, epochs: int | None, **options: Any) -> None:
+def fit(output: str, quick: bool, epochs: int | None, device: str, **options: Any) -> None:
     """Fit Nectar heads for a model and a document and write the artifact."""
     from nectar_export.config import FitConfig
 
@@ -74,7 +80,7 @@ def fit(output: str, quick: bool, epochs: int | None, **options: Any) -> None:
 
     from nectar_export.pipeline import run_fit
 
-    metrics = run_fit(config, Path(output))
+    metrics = run_fit(config, Path(output), device)
     click.echo(f"wrote {output}: {metrics['nectar_params']:,} parameters for {metrics['kv_entries']:,} KV entries "
                f"({metrics['params_over_kv']:.3f}); fitting took {metrics['fit_seconds']:.0f} s")
 
@@ -103,6 +109,10 @@ def evaluate(artifact: str, model: str | None, questions: int | None, as_json: b
 @click.option("--all-logits", is_flag=True, help="Return logits for every new token, not only the last.")
 @click.option("--variant", default="nectar", show_default=True, help="Which head set of the artifact to export.")
 @click.option("--model", default=None, help="Model to load instead of the one recorded in the artifact.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where to prefill the context (cpu, cuda, cuda:N); tracing always runs on the CPU.")
+@click.option("--cache", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
+              help="KV layout: 'static' keeps fixed KV buffers written in place, so a GPU step can be a CUDA graph.")
 @friendly_errors
 def export_command(artifact: str, output: str, **options: Any) -> None:
     """Fuse an artifact's heads with the base decoder into an ONNX bundle."""

@@ -87,7 +87,7 @@ def collect(model: Any, cache: ContextCache, samples: Sequence[Sample], batch_si
             batch = order[i:i + batch_size]
             ids, valid, positions = right_padded(batch, cache.n)
             for r in recorders:
-                r.valid = valid
+                r.valid = valid.to(cache.keys[0].device)
             forward(model, ids, positions, DynamicCache(config=model.config), logits_to_keep=1)
     return [r.queries() for r in recorders]
 
@@ -100,7 +100,7 @@ def _grouped(x: torch.Tensor) -> torch.Tensor:
 def targets(queries: Sequence[Queries], cache: ContextCache, exact_index: torch.Tensor,
             scaling: float, desc: str = "targets") -> list[LayerData]:
     """Exact partials of every query over the modeled context and over exact tokens + new tokens."""
-    modeled = torch.ones(cache.n, dtype=torch.bool)
+    modeled = torch.ones(cache.n, dtype=torch.bool, device=exact_index.device)
     modeled[exact_index] = False
     out = []
     for layer, qs in enumerate(tqdm(queries, desc=desc, unit="layer")):

@@ -20,6 +20,7 @@ class FitConfig:
     context_tokens: int | None = 4096
     prompts: str | None = None
     budget: float = 0.125             # parameters per (layer, KV-head) / its 2*n*d KV entries, sinks included
+    head_params: int | None = None    # absolute parameters per (layer, KV-head), exact tokens included; beats budget
     allocation: str = "adaptive"
     family: str = "mlp"
     sinks: int = 4                    # first context tokens kept as exact KV
@@ -44,12 +45,20 @@ class FitConfig:
             raise NectarError(f"unknown allocation {self.allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
         if not 0 < self.budget < 1:
             raise NectarError(f"--budget must be a fraction in (0, 1), got {self.budget}")
+        if self.head_params is not None and self.head_params < 1:
+            raise NectarError(f"--head-params must be a positive parameter count, got {self.head_params}")
+        if self.reserve < 1:
+            raise NectarError(f"--reserve must be at least 1 new-token position, got {self.reserve}")
         if self.context_tokens is not None and self.context_tokens < 16:
             raise NectarError(f"--context-tokens must be at least 16, got {self.context_tokens}")
 
-    def window_tokens(self, n: int) -> int:
-        """The exact recent window: as given, or by default 1/8 of the budget in token equivalents."""
-        return self.window if self.window is not None else round(self.budget * n / 8)
+    def head_budget(self, n: int, dim: int) -> int:
+        """Parameters per (layer, KV-head), exact tokens included: --head-params, or the fraction of 2*n*d."""
+        return self.head_params if self.head_params is not None else int(self.budget * 2 * n * dim)
+
+    def window_tokens(self, n: int, dim: int) -> int:
+        """The exact recent window: as given, or by default 1/8 of the head budget in token equivalents."""
+        return self.window if self.window is not None else round(self.head_budget(n, dim) / (2 * dim) / 8)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,11 +13,12 @@ import torch
 from nectar_export import __version__
 from nectar_export.artifact import load_artifact, read_manifest
 from nectar_export.errors import NectarError
-from nectar_export.models import load_model
-from nectar_export.prefill import prefill
+from nectar_export.models import check_device, load_model
+from nectar_export.prefill import ContextCache, prefill
 from nectar_export.queries import pad_id, stop_ids
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+CACHE_LAYOUTS = ("dynamic", "static")
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -30,6 +31,8 @@ class ExportConfig:
     all_logits: bool = False
     variant: str = "nectar"         # which of the artifact's head sets ('nectar' or an ablation)
     model: str | None = None        # override the artifact's recorded model source
+    device: str = "cpu"             # where the context is prefilled; the graph is always traced on the CPU
+    cache: str = "dynamic"          # KV layout: "dynamic" (past grows) or "static" (fixed buffers, see step.py)
 
 
 class Stages:
@@ -67,6 +70,8 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
 
     if config.precision not in PRECISIONS:
         raise NectarError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if config.cache not in CACHE_LAYOUTS:
+        raise NectarError(f"unknown cache layout {config.cache!r}; choose one of {', '.join(CACHE_LAYOUTS)}")
     check_bundle_output(config.output)
     manifest = read_manifest(config.artifact)
     loaded = load_model(config.model or manifest["model"]["source"])
@@ -76,14 +81,15 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
     model, tokenizer = loaded.model, loaded.tokenizer
     _check_sliding_window(model.config, artifact.n + manifest["positions"]["max_new_tokens"])
     heldout = json.loads((Path(config.artifact).expanduser() / "heldout.json").read_text())
-    cache = prefill(model, heldout["context_ids"])
+    cache = context_cache(model, heldout["context_ids"], check_device(config.device))
+    static = config.cache == "static"
     if config.baseline:
-        step = StepModule(model, None, config.all_logits)
+        step = StepModule(model, None, config.all_logits, static)
     else:
         exact = cache.exact_index(*artifact.exact_tokens)
         pairs = artifact.heads[config.variant]
         step = StepModule(model, nectar_contexts(pairs, [k[:, exact] for k in cache.keys],
-                                                 [v[:, exact] for v in cache.values]), config.all_logits)
+                                                 [v[:, exact] for v in cache.values]), config.all_logits, static)
     passes = [fold_constants, fuse_sibling_matmuls, convert_precision(config.precision), cleanup]
     stage = Stages(["torch.onnx.export", *[p.__name__ for p in passes], "lint", "write"])
     stage("torch.onnx.export")
@@ -102,6 +108,7 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
     stage("write")
     bundle = {
         "kind": "full" if config.baseline else "nectar", "precision": config.precision, "kv_dtype": kv_dtype,
+        "cache_layout": config.cache,
         "n": artifact.n, "first_position": artifact.n, "max_new_tokens": manifest["positions"]["max_new_tokens"],
         "logits": "all" if config.all_logits else "last",
         "layers": manifest["model"]["layers"], "kv_heads": manifest["model"]["kv_heads"],
@@ -126,6 +133,18 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
         return write_bundle(config.output, graph, tokenizer.backend_tokenizer.to_str(), bundle, context_kv)
     finally:
         stage.close()
+
+
+def context_cache(model: Any, ids: list[int], device: torch.device) -> ContextCache:
+    """The context's KV on the CPU, prefilled on `device` (the model is back on the CPU afterwards)."""
+    if device.type == "cpu":
+        return prefill(model, ids)
+    try:
+        cache = prefill(model.to(device), ids)
+        return ContextCache([k.cpu() for k in cache.keys], [v.cpu() for v in cache.values])
+    finally:
+        model.cpu()
+        torch.cuda.empty_cache()
 
 
 def nectar_params(step: Any) -> int:

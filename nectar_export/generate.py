@@ -52,7 +52,7 @@ def _generate_batch(model: Any, prompts: Sequence[Sequence[int]], start: int, sa
     outputs: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool)
     for _ in range(sampling.max_new_tokens):
-        token = pick_next(logits[:, -1].float(), sampling, generator)
+        token = pick_next(logits[:, -1].float().cpu(), sampling, generator)    # the generator lives on the CPU
         for row, t in enumerate(token.tolist()):
             if not done[row]:
                 outputs[row].append(t)

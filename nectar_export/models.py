@@ -143,6 +143,21 @@ def weights_fingerprint(model: Any) -> str:
     return h.hexdigest()
 
 
+def check_device(device: str) -> Any:
+    """The torch device to work on, refused clearly where this torch cannot reach it."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise NectarError(f"--device {device!r} is not a torch device (expected cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NectarError(f"--device {device}: this torch build sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise NectarError(f"--device {device}: only cpu and cuda are supported")
+    return dev
+
+
 def load_model(spec: str = DEFAULT_MODEL) -> LoadedModel:
     """Load a causal LM for Nectar in float32 and eval mode, checking its architecture first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -17,7 +17,7 @@ from nectar_export.context import build_context, load_document
 from nectar_export.errors import NectarError
 from nectar_export.fit import TrainSettings, fit_pairs
 from nectar_export.heads import MLPPair, Pair, QuadraturePair, build_pair, pair_params
-from nectar_export.models import LoadedModel, load_model
+from nectar_export.models import check_device, LoadedModel, load_model
 from nectar_export.prefill import ContextCache, prefill
 from nectar_export.queries import SampleSet, build_samples
 
@@ -31,6 +31,8 @@ class Stopwatch:
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
         result = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()                     # count queued GPU work in the stage that queued it
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
         return result
 
@@ -44,11 +46,12 @@ def model_shape(model: Any) -> dict[str, int]:
 
 def layer_budget(config: FitConfig, n: int, dim: int) -> int:
     """Network parameters per (layer, KV-head) on average: the budget minus what the exact tokens hold."""
-    total = int(config.budget * 2 * n * dim)
-    net = total - 2 * (config.sinks + config.window_tokens(n)) * dim
+    window = config.window_tokens(n, dim)
+    net = config.head_budget(n, dim) - 2 * (config.sinks + window) * dim
     if net < 4 * dim:
-        raise NectarError(f"--budget {config.budget} leaves {net} parameters per head after {config.sinks} sinks "
-                          f"and a {config.window_tokens(n)}-token window; raise the budget or lower --sinks/--window")
+        given = f"--head-params {config.head_params}" if config.head_params is not None else f"--budget {config.budget}"
+        raise NectarError(f"{given} leaves {net} parameters per head after {config.sinks} sinks "
+                          f"and a {window}-token window; raise the budget or lower --sinks/--window")
     return net
 
 
@@ -58,9 +61,9 @@ def make_pairs(family: str, budgets: Sequence[int], shape: dict[str, int], cache
     generator = torch.Generator().manual_seed(seed)
     pairs = []
     for layer, budget in enumerate(budgets):
-        pair = build_pair(family, shape["kv_heads"], shape["head_dim"], budget)
+        pair = build_pair(family, shape["kv_heads"], shape["head_dim"], budget).to(exact_index.device)
         if isinstance(pair, QuadraturePair):
-            modeled = torch.ones(cache.n, dtype=torch.bool)
+            modeled = torch.ones(cache.n, dtype=torch.bool, device=exact_index.device)
             modeled[exact_index] = False
             pair.init_from_cache(cache.keys[layer][:, modeled], cache.values[layer][:, modeled], generator)
         elif isinstance(pair, MLPPair):
@@ -70,13 +73,17 @@ def make_pairs(family: str, budgets: Sequence[int], shape: dict[str, int], cache
     return pairs
 
 
-def run_fit(config: FitConfig, out: Path) -> dict[str, Any]:
-    """The whole fitting pipeline; writes the artifact to out and returns its manifest's metrics."""
+def run_fit(config: FitConfig, out: Path, device: str = "cpu") -> dict[str, Any]:
+    """The whole fitting pipeline; writes the artifact to out and returns its manifest's metrics.
+
+    `device` only decides where the work runs (float32 everywhere), not what is fitted.
+    """
     check_output(out)
+    dev = check_device(device)
     torch.manual_seed(config.seed)
     clock = Stopwatch()
     loaded: LoadedModel = clock.run("load_model", lambda: load_model(config.model))
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer = loaded.model.to(dev), loaded.tokenizer
     document = load_document(config.context)
     max_positions = int(model.config.max_position_embeddings)
     context, doc_ids = build_context(tokenizer, document, config.context_tokens, max_positions, config.reserve)
@@ -86,7 +93,7 @@ def run_fit(config: FitConfig, out: Path) -> dict[str, Any]:
     samples: SampleSet = clock.run("samples", lambda: build_samples(model, tokenizer, context, doc_ids,
                                                                     cache.exact(), config))
     scaling = float(model.model.layers[0].self_attn.scaling)
-    exact = cache.exact_index(config.sinks, config.window_tokens(context.n))
+    exact = cache.exact_index(config.sinks, config.window_tokens(context.n, shape["head_dim"]))
     queries = {split: clock.run("collect", lambda: collect(model, cache, samples.splits[split], desc=f"{split} queries"))
                for split in ("train", "val")}
     train = clock.run("targets", lambda: targets(queries["train"], cache, exact, scaling, desc="train targets"))
@@ -115,7 +122,7 @@ def run_fit(config: FitConfig, out: Path) -> dict[str, Any]:
     metrics = {"nectar_params": reports["nectar"]["params"], "kv_entries": kv_entries,
                "params_over_kv": round(reports["nectar"]["params"] / kv_entries, 5),
                "layer_difficulty": [round(d, 5) for d in difficulty], "variants": reports,
-               "seconds": clock.seconds,
+               "seconds": clock.seconds, "device": str(dev),
                "fit_seconds": round(sum(v for k, v in clock.seconds.items() if not k.startswith("fit_")), 1),
                "samples": samples.counts()}
     manifest = {
@@ -123,7 +130,7 @@ def run_fit(config: FitConfig, out: Path) -> dict[str, Any]:
                   "model_type": model.config.model_type, **shape, "scaling": scaling,
                   "max_positions": max_positions},
         "context": {"source": context.source, "sha256": context.sha256, "n": context.n, "sinks": config.sinks,
-                    "window": config.window_tokens(context.n),
+                    "window": config.window_tokens(context.n, shape["head_dim"]),
                     "document_tokens": context.document_tokens, "prefix_text": context.prefix_text,
                     "question_template": context.question_template},
         "positions": {"first_new": context.n, "max_new_tokens": config.reserve},
@@ -133,5 +140,6 @@ def run_fit(config: FitConfig, out: Path) -> dict[str, Any]:
     heldout = {"context_ids": list(context.ids),
                "test": [{"source": s.source, "ids": list(s.ids), "question": s.question}
                         for s in samples.splits["test"]]}
+    heads = {variant: [pair.cpu() for pair in pairs] for variant, pairs in heads.items()}
     save_artifact(out, manifest, heads, extra={"heldout.json": json.dumps(heldout)})
     return metrics

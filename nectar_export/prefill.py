@@ -28,8 +28,8 @@ class ContextCache:
 
     def exact_index(self, sinks: int, window: int) -> torch.Tensor:
         """Positions of the first `sinks` and the last `window` context tokens, without overlap."""
-        n = self.n
-        return torch.cat([torch.arange(min(sinks, n)), torch.arange(max(sinks, n - window), n)])
+        n, device = self.n, self.keys[0].device
+        return torch.cat([torch.arange(min(sinks, n), device=device), torch.arange(max(sinks, n - window), n, device=device)])
 
     def subset(self, index: torch.Tensor) -> list[ExactContext]:
         """Per-layer exact attention over the context tokens at the given positions."""
@@ -46,7 +46,7 @@ def prefill(model: Any, ids: Sequence[int], chunk: int = 512, progress: bool = T
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    tokens = torch.tensor([list(ids)], dtype=torch.long)
+    tokens = torch.tensor([list(ids)], dtype=torch.long, device=model.device)
     for start in tqdm(range(0, tokens.shape[1], chunk), desc="prefill", unit="chunk", disable=not progress):
         piece = tokens[:, start:start + chunk]
         model(input_ids=piece, **{cache_keyword(model): cache}, use_cache=True, logits_to_keep=1)

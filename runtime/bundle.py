@@ -43,6 +43,7 @@ TOKENIZER_FILE = "tokenizer.json"
 CONTEXT_FILE = "context.safetensors"
 ENGINE_FILE = "model.plan"
 KINDS = ("nectar", "full")
+LAYOUTS = ("dynamic", "static")     # optional key; absent means dynamic
 REQUIRED = ("kind", "precision", "kv_dtype", "n", "first_position", "max_new_tokens", "logits", "layers",
             "kv_heads", "head_dim", "vocab_size", "inputs", "outputs", "past", "template", "stop_token_ids",
             "files")
@@ -81,6 +82,11 @@ class Bundle:
     @property
     def kind(self) -> str:
         return self.manifest["kind"]
+
+    @property
+    def static(self) -> bool:
+        """Static KV layout: fixed buffers of kv_capacity slots, new tokens written at `cache_position`."""
+        return self.manifest.get("cache_layout", "dynamic") == "static"
 
     def past_names(self) -> list[str]:
         """Past input names in graph order: key_0, value_0, key_1, ..."""
@@ -121,6 +127,8 @@ def load_bundle(path: str | Path, check_hashes: bool = False) -> Bundle:
         raise BundleError(f"{file} lacks {', '.join(missing)}; re-export the bundle")
     if manifest["kind"] not in KINDS:
         raise BundleError(f"{file}: unknown kind {manifest['kind']!r} (expected one of {KINDS})")
+    if manifest.get("cache_layout", "dynamic") not in LAYOUTS:
+        raise BundleError(f"{file}: unknown cache_layout {manifest['cache_layout']!r} (expected one of {LAYOUTS})")
     for name, entry in manifest["files"].items():
         target = path / name
         if not target.is_file():

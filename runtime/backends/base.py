@@ -34,6 +34,20 @@ def step_inputs(input_ids: np.ndarray, position: int, past: int) -> tuple[np.nda
     return ids, positions, mask
 
 
+def static_inputs(input_ids: np.ndarray, position: int, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, position_ids, cache_position) int64 for T new tokens at `position` written to slots slot..."""
+    ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+    batch, tokens = ids.shape
+    positions = np.ascontiguousarray(np.broadcast_to(np.arange(position, position + tokens, dtype=np.int64),
+                                                     (batch, tokens)))
+    return ids, positions, np.arange(slot, slot + tokens, dtype=np.int64)
+
+
+def first_slot(bundle: Bundle) -> int:
+    """The static buffer slot of the first new token: after the context in full bundles, 0 in Nectar ones."""
+    return bundle["n"] if bundle.kind == "full" else 0
+
+
 class BackendError(Exception):
     """A backend that cannot run here (package absent, no device) or a request it cannot serve."""
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from nectar_runtime.backends.base import Backend, BackendError, step_inputs
+from nectar_runtime.backends.base import Backend, BackendError, first_slot, kv_capacity, static_inputs, step_inputs
 from nectar_runtime.bundle import CONTEXT_FILE, Bundle
 
 
@@ -35,9 +35,9 @@ def load_context_kv(bundle: Bundle, dtype: Any) -> list[np.ndarray]:
 class OrtCpuBackend(Backend):
     name = "ort-cpu"
 
-    def __init__(self, bundle: Bundle, threads: int | None = None, optimize: bool = True):
+    def __init__(self, bundle: Bundle, threads: int | None = None, optimize: bool = True, profile: str | None = None):
         super().__init__(bundle)
-        self.threads, self.optimize = threads, optimize
+        self.threads, self.optimize, self.profile = threads, optimize, profile
         self.session: Any = None
         self.past: list[np.ndarray] = []
         self.length = 0        # tokens in the past: context (full bundles) plus new tokens so far
@@ -48,12 +48,9 @@ class OrtCpuBackend(Backend):
             import onnxruntime as ort
         except ImportError:
             raise BackendError("ort-cpu needs onnxruntime: pip install onnxruntime") from None
-        options = ort.SessionOptions()
+        options = session_options(ort, self.optimize, self.profile)
         if self.threads:
             options.intra_op_num_threads = self.threads
-        if not self.optimize:
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(self.bundle.onnx_path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:   # onnxruntime raises its own Fail/InvalidProtobuf types
@@ -62,6 +59,10 @@ class OrtCpuBackend(Backend):
         self.kv_dtype = kv_numpy_dtype(self.bundle["kv_dtype"])
         self.context = load_context_kv(self.bundle, self.kv_dtype) if self.bundle.kind == "full" else None
         self.active = True
+
+    def end_profiling(self) -> str:
+        """Close ORT's trace (profile=PREFIX was given) and return its file's path."""
+        return self.session.end_profiling()
 
     def release(self) -> None:
         self.session, self.past, self.context, self.active = None, [], None, False
@@ -72,6 +73,11 @@ class OrtCpuBackend(Backend):
 
     def reset(self, batch: int = 1) -> None:
         b = self.bundle
+        if b.static:                     # fixed buffers; the context (full bundles) fills the first n slots
+            shape = (batch, b["kv_heads"], kv_capacity(b), b["head_dim"])
+            self.buffers = [np.zeros(shape, self.kv_dtype) for _ in range(2 * b["layers"])]
+            for buffer, kv in zip(self.buffers, self.context or []):
+                buffer[:, :, :b["n"]] = kv
         if self.context is not None:
             self.past = [np.repeat(kv, batch, axis=0) if batch > 1 else kv for kv in self.context]
         else:
@@ -86,17 +92,39 @@ class OrtCpuBackend(Backend):
         if self.new_tokens + T > self.bundle["max_new_tokens"]:
             raise BackendError(f"{self.new_tokens + T} new tokens exceed this bundle's window of "
                                f"{self.bundle['max_new_tokens']}")
-        ids, positions, mask = step_inputs(input_ids, self.bundle["first_position"] + self.new_tokens, self.length)
+        position = self.bundle["first_position"] + self.new_tokens
+        if self.bundle.static:
+            ids, positions, slots = static_inputs(input_ids, position, first_slot(self.bundle) + self.new_tokens)
+            feeds = {"input_ids": ids, "position_ids": positions, "cache_position": slots}
+            feeds.update(zip(self.bundle.past_names(), self.buffers))
+            return feeds
+        ids, positions, mask = step_inputs(input_ids, position, self.length)
         feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
         feeds.update(zip(self.bundle.past_names(), self.past))
         return feeds
 
     def step(self, input_ids: np.ndarray) -> np.ndarray:
         outputs = self.session.run(None, self.feeds(input_ids))
+        if self.bundle.static:           # `past` stays the filled part, as the dynamic layout has it
+            self.buffers = outputs[1:]
+            used = self.length + input_ids.shape[1]
+            outputs = [outputs[0], *(b[:, :, :used] for b in self.buffers)]
         self.past = outputs[1:]
         self.length += input_ids.shape[1]
         self.new_tokens += input_ids.shape[1]
         return np.asarray(outputs[0][:, -1], dtype=np.float32)
+
+
+def session_options(ort: Any, optimize: bool, profile: str | None) -> Any:
+    """Quiet session options; ORT's optimizations off when not `optimize`; its trace on with a `profile` prefix."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
+    return options
 
 
 def make_backend(bundle: Bundle, name: str = "ort-cpu", **options: Any) -> Backend:

@@ -11,6 +11,15 @@ Buffers (allocated once per `reset` whose batch differs from the last):
 A step binds the past as a view [B, Hkv, P, D] at the start of buffer `cur` and the present
 [B, Hkv, P + T, D] at the start of buffer `1 - cur`; then the two swap. Only the logits come back to the host.
 
+Static-cache bundles (`export --cache static`) instead get one buffer per past tensor [B, Hkv, capacity, D]
+(full bundles: the context in its first n slots, uploaded once), bound as both the past input and the
+present output: the graph's ScatterElements writes the new tokens' slots in place and skips its copy
+(input and output share memory). Every one-token step then has the same shapes and addresses: its inputs
+live in small device tensors updated in place, the logits land in a device tensor, and with
+`cuda_graph=True` (the default for static bundles) ONNX Runtime captures the step as a CUDA graph on its
+first runs and replays it afterwards (run option gpu_graph_id=1); prompts of several tokens run outside the
+graph (gpu_graph_id=-1).
+
 Why a view at the start of a max-size buffer is exact: a contiguous [B, Hkv, P, D] tensor occupies the first
 B*Hkv*P*D elements of any buffer at least that large, and its strides follow from the bound shape, not from
 the shape the buffer was allocated with. The present written as contiguous [B, Hkv, P + T, D] is therefore,
@@ -23,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from nectar_runtime.backends.base import Backend, BackendError, kv_capacity, step_inputs
-from nectar_runtime.backends.ort import kv_numpy_dtype, load_context_kv
+from nectar_runtime.backends.base import Backend, BackendError, first_slot, kv_capacity, static_inputs, step_inputs
+from nectar_runtime.backends.ort import kv_numpy_dtype, load_context_kv, session_options
 from nectar_runtime.bundle import Bundle
 
 CUDA_EP = "CUDAExecutionProvider"
@@ -56,9 +65,15 @@ class OrtCudaBackend(Backend):
     name = "ort-cuda"
     device = "cuda"                 # where the KV buffers live (the tests bind the same way on "cpu")
 
-    def __init__(self, bundle: Bundle, device_id: int = 0, optimize: bool = True):
+    def __init__(self, bundle: Bundle, device_id: int = 0, optimize: bool = True, profile: str | None = None,
+                 cuda_graph: bool | None = None):
         super().__init__(bundle)
-        self.device_id, self.optimize = device_id, optimize
+        self.device_id, self.optimize, self.profile = device_id, optimize, profile
+        self.cuda_graph = bundle.static if cuda_graph is None else cuda_graph
+        if self.cuda_graph and not bundle.static:
+            raise BackendError("CUDA graphs need a static-cache bundle (nectar-export export --cache static)")
+        self._decode: Any = None                   # static bundles: the one-token step's fixed binding
+        self._decode_io: dict[str, Any] = {}       # its device inputs and logits
         self.session: Any = None
         self._ort: Any = None
         self._binding: Any = None
@@ -75,11 +90,9 @@ class OrtCudaBackend(Backend):
     def _open(self) -> tuple[Any, Any]:
         """(onnxruntime module, session on the CUDA EP); BackendError when it cannot run here."""
         ort = import_onnxruntime_cuda()
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if not self.optimize:
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        providers = [(CUDA_EP, {"device_id": self.device_id}), "CPUExecutionProvider"]
+        options = session_options(ort, self.optimize, self.profile)
+        cuda_options = {"device_id": self.device_id, **({"enable_cuda_graph": "1"} if self.cuda_graph else {})}
+        providers = [(CUDA_EP, cuda_options), "CPUExecutionProvider"]
         try:
             session = ort.InferenceSession(str(self.bundle.onnx_path), options, providers=providers)
         except Exception as exc:
@@ -93,26 +106,96 @@ class OrtCudaBackend(Backend):
     def activate(self) -> None:
         self._ort, self.session = self._open()
         self._binding = self.session.io_binding()
+        self._runs = {graph: self._run_options(graph) for graph in ("1", "-1")}
         self.kv_dtype = kv_numpy_dtype(self.bundle["kv_dtype"])
         self._element = BFLOAT16 if self.bundle["kv_dtype"] == "bfloat16" else np.dtype(self.bundle["kv_dtype"]).type
         self.active = True
         self.reset(1)
 
+    def end_profiling(self) -> str:
+        """Close ORT's trace (profile=PREFIX was given) and return its file's path."""
+        return self.session.end_profiling()
+
+    def _run_options(self, graph: str) -> Any:
+        """Run options naming the CUDA graph a run belongs to ("-1": none); plain options without graphs."""
+        options = self._ort.RunOptions()
+        if self.cuda_graph:
+            options.add_run_config_entry("gpu_graph_id", graph)
+        return options
+
     def release(self) -> None:
+        self._decode, self._decode_io = None, {}
         self._kv, self._context, self._batch = {}, {}, 0
         self._binding = self.session = None
         self.active = False
 
-    def _device_value(self, shape: list[int]) -> Any:
-        return self._ort.OrtValue.ortvalue_from_shape_and_type(shape, self._element, self.device, self.device_id)
+    def _device_value(self, shape: list[int], element: Any = None) -> Any:
+        """An uninitialized device tensor of the KV's element type, or of `element`."""
+        element = self._element if element is None else element
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(shape, element, self.device, self.device_id)
 
     def _allocate(self, batch: int) -> None:
         """Two device buffers per past tensor, each [B, Hkv, capacity, D]; the context KV for full bundles."""
         b = self.bundle
         shape = [batch, b["kv_heads"], kv_capacity(b), b["head_dim"]]
+        if b.static:
+            self._allocate_static(batch, shape)
+            return
         self._kv = {name: [self._device_value(shape), self._device_value(shape)] for name in b.past_names()}
         self._context = self._upload_context(batch) if b.kind == "full" else {}
         self._batch = batch
+
+    def _allocate_static(self, batch: int, shape: list[int]) -> None:
+        """One buffer per past tensor (context in its first n slots) and the fixed one-token step binding."""
+        b, ort = self.bundle, self._ort
+        if b.kind == "full":
+            if b["kv_dtype"] == "bfloat16":
+                raise BackendError("ort-cuda does not upload a bfloat16 context KV; export the full-attention "
+                                   "bundle with --precision fp16 or fp32")
+            self._kv = {}
+            for name, kv in zip(b.past_names(), load_context_kv(b, self.kv_dtype)):
+                host = np.zeros(shape, self.kv_dtype)
+                host[:, :, :b["n"]] = kv
+                self._kv[name] = [ort.OrtValue.ortvalue_from_numpy(host, self.device, self.device_id)]
+        else:
+            self._kv = {name: [self._device_value(shape)] for name in b.past_names()}
+        self._context, self._batch = {}, batch
+        value = self._device_value
+        io = {"input_ids": value([batch, 1], np.int64), "position_ids": value([batch, 1], np.int64),
+              "cache_position": value([1], np.int64), "logits": value([batch, 1, b["vocab_size"]], np.float32)}
+        decode = self.session.io_binding()
+        for name in ("input_ids", "position_ids", "cache_position"):
+            decode.bind_ortvalue_input(name, io[name])
+        decode.bind_ortvalue_output(b["outputs"][0]["name"], io["logits"])
+        self._bind_buffers(decode, shape)
+        self._decode, self._decode_io = decode, io
+
+    def _bind_buffers(self, io: Any, shape: list[int]) -> None:
+        """Static layout: each buffer is both the past input and the present output (updated in place)."""
+        for past_name, present_name in zip(self.bundle.past_names(), self.bundle.present_names()):
+            ptr = self._kv[past_name][0].data_ptr()
+            io.bind_input(past_name, self.device, self.device_id, self._element, shape, ptr)
+            io.bind_output(present_name, self.device, self.device_id, self._element, shape, ptr)
+
+    def _static_step(self, input_ids: np.ndarray) -> np.ndarray:
+        """One static-layout step: the fixed binding (a CUDA graph replay) for one token, a plain run otherwise."""
+        m = self.bundle.manifest
+        ids, positions, slots = static_inputs(input_ids, m["first_position"] + self._new,
+                                              first_slot(self.bundle) + self._new)
+        if ids.shape[1] == 1:
+            for name, array in (("input_ids", ids), ("position_ids", positions), ("cache_position", slots)):
+                self._decode_io[name].update_inplace(array)
+            self.session.run_with_iobinding(self._decode, self._runs["1"])
+            return self._decode_io["logits"].numpy()
+        io = self._binding
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        io.bind_output(m["outputs"][0]["name"], "cpu")
+        for name, array in (("input_ids", ids), ("position_ids", positions), ("cache_position", slots)):
+            io.bind_cpu_input(name, array)
+        self._bind_buffers(io, [ids.shape[0], m["kv_heads"], kv_capacity(self.bundle), m["head_dim"]])
+        self.session.run_with_iobinding(io, self._runs["-1"])
+        return io.get_outputs()[0].numpy()
 
     def _upload_context(self, batch: int) -> dict[str, Any]:
         """The context's KV copied to the device once: past name -> OrtValue [B, Hkv, n, D]."""
@@ -169,9 +252,12 @@ class OrtCudaBackend(Backend):
         if self._new + tokens > self.bundle["max_new_tokens"]:
             raise BackendError(f"{self._new} + {tokens} new tokens exceed this bundle's window of "
                                f"{self.bundle['max_new_tokens']}; reset() to start a new sequence")
-        self._bind(input_ids)
-        self.session.run_with_iobinding(self._binding)
-        logits = self._binding.get_outputs()[0].numpy()                                  # [B, 1 or T, V]
+        if self.bundle.static:
+            logits = self._static_step(input_ids)
+        else:
+            self._bind(input_ids)
+            self.session.run_with_iobinding(self._binding, self._runs["-1"])
+            logits = self._binding.get_outputs()[0].numpy()                              # [B, 1 or T, V]
         self._cur, self._on_context = 1 - self._cur, False
         self._past, self._new = self._past + tokens, self._new + tokens
         return np.asarray(logits[:, -1], dtype=np.float32)

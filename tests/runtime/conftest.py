@@ -54,11 +54,13 @@ def artifact(tmp_path_factory, tiny_ckpt) -> Path:
 
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory, artifact) -> dict[str, Path]:
-    """{"nectar": fp32 Nectar bundle, "full": fp32 full-attention bundle}, exported side by side."""
+    """fp32 bundles exported side by side: "nectar", "full" (full attention), and both with the static KV
+    layout ("nectar_static", "full_static")."""
     root = tmp_path_factory.mktemp("bundles")
-    outs = {"nectar": root / "nectar", "full": root / "full"}
+    outs = {kind: root / kind for kind in ("nectar", "full", "nectar_static", "full_static")}
     procs = {kind: subprocess.Popen([sys.executable, "-m", "nectar_export.cli", "export", str(artifact), "-o",
-                                     str(out), *(["--baseline"] if kind == "full" else [])],
+                                     str(out), *(["--baseline"] if kind.startswith("full") else []),
+                                     *(["--cache", "static"] if kind.endswith("static") else [])],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for kind, out in outs.items()}
     for kind, proc in procs.items():

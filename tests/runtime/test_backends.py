@@ -106,3 +106,46 @@ def test_iobinding_ping_pong_equals_the_cpu_backend(bundles, kind):
         head = bound._kv[bundle.past_names()[0]][bound._cur].numpy().reshape(-1)[:plain.past[0].size]
         np.testing.assert_array_equal(head.reshape(plain.past[0].shape), plain.past[0])
         assert bound._past == past
+
+
+@pytest.mark.parametrize("kind", ["nectar", "full"])
+def test_static_layout_equals_the_dynamic_one(bundles, kind):
+    dynamic, static = load_bundle(bundles[kind]), load_bundle(bundles[f"{kind}_static"])
+    assert static.static and not dynamic.static
+    prompt = np.array([[1, 17, 300, 4000, 9]], dtype=np.int64)
+    with OrtCpuBackend(dynamic) as grow, OrtCpuBackend(static) as fixed:
+        grow.reset(1)
+        fixed.reset(1)
+        tokens = prompt
+        for _ in range(8):
+            want, got = grow.step(tokens), fixed.step(tokens)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+            assert int(got.argmax()) == int(want.argmax())
+            tokens = want.argmax(-1)[:, None]
+        for a, b in zip(grow.past, fixed.past):             # the filled slots hold the same keys and values
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["nectar_static", "full_static"])
+def test_in_place_static_buffers_equal_the_cpu_backend(bundles, kind):
+    """The ort-cuda static path (one buffer bound as past and present, fixed one-token binding) on host memory."""
+    bundle = load_bundle(bundles[kind])
+    prompt = np.array([[1, 17, 300, 4000, 9]], dtype=np.int64)
+    with OrtCpuBackend(bundle) as plain, HostBoundBackend(bundle) as bound:
+        assert bound.cuda_graph
+        for _ in range(2):                                   # a second sequence reuses the buffers
+            plain.reset(1)
+            bound.reset(1)
+            tokens = prompt
+            for _ in range(6):
+                want, got = plain.step(tokens), bound.step(tokens)
+                np.testing.assert_array_equal(got.reshape(want.shape), want)
+                tokens = want.argmax(-1)[:, None]
+        filled = plain.length                                # later slots are never written (nor read)
+        for name, buffer in zip(bundle.past_names(), plain.buffers):
+            np.testing.assert_array_equal(bound._kv[name][0].numpy()[:, :, :filled], buffer[:, :, :filled])
+
+
+def test_cuda_graph_needs_a_static_bundle(nectar_bundle):
+    with pytest.raises(BackendError, match="--cache static"):
+        OrtCudaBackend(load_bundle(nectar_bundle), cuda_graph=True)

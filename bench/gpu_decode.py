@@ -1,0 +1,328 @@
+"""GPU decode latency and fitting speed at the paper's model scale (issue 5), on one NVIDIA GPU.
+
+For a model shape built in code with random weights (`gpu_reference.SHAPES`: speed does not depend on the
+values) and every context length n of `--ns`, this script runs stages, each skipped when its output is
+already under `--work` (so a run cut short by a time limit resumes where it stopped):
+
+  checkpoint  the random-weight model saved as a float32 safetensors checkpoint, with the tokenizer of
+              `--tokenizer` (the default model's; its ids are a subset of the shape's vocabulary)
+  fit         `run_fit(..., device="cuda")` with heads of `--head-params` per layer and KV-head at every n
+              (`--recipe default` is the full recipe whose per-stage times answer "how long does fitting
+              take"; `--recipe quick` only makes heads of the right shape for the decode benchmark)
+  export      a Nectar bundle and a full-attention baseline bundle per n (`--precision`, context prefilled
+              on the GPU, graph traced on the CPU)
+  measure     one fresh subprocess per (engine, n), each the GPU's only user:
+                nectar_ort_cuda / full_ort_cuda: `bench/decode_latency.py --child --backend ort-cuda`
+                hf_static: transformers' own decode with a StaticCache and SDPA (`gpu_reference`)
+              plus, in this process, the device-to-device copy bandwidth and the floor: the model's weight
+              bytes (in the bundle's precision) streamed once at that bandwidth.
+
+The context is the Python reference manual repeated until it holds the largest n (a random-weight model
+does not care what it reads). Rows: {"engine", "n", "ms_per_token", "prefill_ms", "device_mem_mb"}, where
+device_mem_mb is the GPU memory in use at the end of the measured pass minus what was in use before the
+engine's process started (nvidia-smi, so the CUDA context and allocator caches count, the same way for
+every engine). Writes OUT/<shape>.json and OUT/<shape>.png.
+
+    python bench/gpu_decode.py --shape qwen3-1.7b --ns 4096,32768,131072 --work /tmp/gpu --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import gpu_reference  # noqa: E402  (a sibling script, not a package)
+
+ENGINES = ("nectar_ort_cuda", "full_ort_cuda", "hf_static")
+STAGES = ("checkpoint", "fit", "export", "measure")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+QUICK = {"continuation": (16, 4, 2), "repeat": (4, 1, 1), "self_study": (4, 1, 1), "answer_tokens": 16,
+         "epochs": 1, "ablations": False}
+
+
+def log(message: str) -> None:
+    print(f"[gpu] {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+# -- stages ------------------------------------------------------------------------------------------
+
+
+def make_checkpoint(shape: str, tokenizer: Path, folder: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Save the shape's random-weight model (float32) and the tokenizer files as a checkpoint folder."""
+    import shutil
+
+    import torch
+
+    config = gpu_reference.make_config(shape, **overrides)
+    model = gpu_reference.random_model(config, torch.float32, "cpu")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (tokenizer / name).is_file():
+            shutil.copy(tokenizer / name, tmp / name)
+    os.replace(tmp, folder)
+    return {"params": sum(p.numel() for p in model.parameters()), "weight_bytes_fp32": gpu_reference.weight_bytes(model)}
+
+
+def context_file(work: Path, tokens_needed: int) -> Path:
+    """The reference manual repeated enough times for `tokens_needed` tokens (~4 characters per token)."""
+    from nectar_export.context import load_document
+
+    text = load_document("default").text
+    copies = max(1, -(-tokens_needed * 4 // len(text)) + 1)
+    path = work / f"context-x{copies}.txt"
+    if not path.is_file():
+        path.write_text("\n\n".join([text] * copies), encoding="utf-8")
+    return path
+
+
+def fit_one(checkpoint: Path, context: Path, n: int, head_params: int, recipe: str, reserve: int,
+            out: Path, device: str) -> dict[str, Any]:
+    from nectar_export.config import FitConfig
+    from nectar_export.pipeline import run_fit
+
+    extra = QUICK if recipe == "quick" else {"ablations": False}
+    config = FitConfig(model=str(checkpoint), context=str(context), context_tokens=n, head_params=head_params,
+                       reserve=reserve, **extra)
+    return run_fit(config, out, device=device)
+
+
+def export_one(artifact: Path, out: Path, baseline: bool, precision: str, device: str) -> dict[str, Any]:
+    from nectar_export.export import ExportConfig, run_export
+
+    manifest = run_export(ExportConfig(artifact=artifact, output=out, precision=precision, baseline=baseline,
+                                       device=device))
+    return {"export_seconds": manifest["graph"]["export_seconds"], "weight_bytes": manifest["graph"]["weight_bytes"],
+            "bytes": {k: v["bytes"] for k, v in manifest["files"].items()}}
+
+
+def run_engine(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """A measuring child; its last stdout line is its JSON row. Memory is counted from before it started."""
+    from decode_latency import gpu_mem_used_mb
+
+    base = gpu_mem_used_mb()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        tail = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-3:]
+        raise RuntimeError(" | ".join(tail))
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    row["device_mem_mb"] = round(row.get("device_mem_mb", base) - base, 1)
+    return row
+
+
+def measure_bundle(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
+    return run_engine([sys.executable, str(HERE / "decode_latency.py"), "--child", str(bundle), "--backend", "ort-cuda",
+                       "--tokens", str(args.tokens), "--warmup", str(args.warmup),
+                       "--prompt-tokens", str(args.prompt_tokens)])
+
+
+def measure_hf(checkpoint: Path, artifact: Path, args: argparse.Namespace) -> dict[str, Any]:
+    return run_engine([sys.executable, str(Path(__file__).resolve()), "--hf-child", str(checkpoint),
+                       "--artifact", str(artifact), "--precision", args.precision, "--tokens", str(args.tokens),
+                       "--warmup", str(args.warmup), "--prompt-tokens", str(args.prompt_tokens)]
+                      + (["--compile"] if args.compile else []))
+
+
+def hf_child(args: argparse.Namespace) -> dict[str, Any]:
+    """transformers' static-cache decode of the checkpoint after the artifact's context (this process only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from decode_latency import gpu_mem_used_mb
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+    model = AutoModelForCausalLM.from_pretrained(args.hf_child, dtype=dtype, attn_implementation="sdpa",
+                                                 local_files_only=True).to("cuda").eval()
+    context = json.loads((args.artifact / "heldout.json").read_text())["context_ids"]
+    prompt = [(17 * i + 11) % 30000 + 100 for i in range(args.prompt_tokens)]   # any ids: weights are random
+    row = gpu_reference.hf_static_decode(model, context, prompt, args.tokens, args.warmup, compile=args.compile)
+    return {**row, "n": len(context), "device_mem_mb": gpu_mem_used_mb(),
+            "allocated_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+
+
+# -- driver ------------------------------------------------------------------------------------------
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {"rows": [], "fit": {}, "export": {}, "errors": []}
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, path)
+
+
+def add_row(state: dict[str, Any], row: dict[str, Any]) -> None:
+    state["rows"] = [r for r in state["rows"] if (r["engine"], r["n"]) != (row["engine"], row["n"])] + [row]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    state_path = args.work / f"{args.shape}-state.json"
+    state = load_state(state_path)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    state.update(shape=args.shape, gpu=gpu, settings={
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("hf_child",)})
+    ns = [int(n) for n in args.ns.split(",")]
+    checkpoint = args.work / f"{args.shape}-ckpt"
+    stages = set(args.stages.split(","))
+    overrides = json.loads(args.overrides)
+
+    def step(name: str, fn: Any) -> Any:
+        """Run fn, keep going on failure (recorded): later stages of other n may still run."""
+        log(name)
+        start = time.perf_counter()
+        try:
+            result = fn()
+            log(f"{name}: {time.perf_counter() - start:.1f} s")
+            return result
+        except Exception as exc:                 # recorded in the JSON: a partial run still reports
+            state["errors"].append({"step": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+            log(f"{name} FAILED: {exc}")
+            return None
+        finally:
+            save_state(state_path, state)
+
+    if "checkpoint" in stages and not (checkpoint / "config.json").is_file():
+        state["checkpoint"] = step("checkpoint", lambda: make_checkpoint(args.shape, args.tokenizer, checkpoint,
+                                                                        overrides))
+    context = context_file(args.work, max(ns) + args.reserve)
+    for n in ns:
+        art = args.work / f"{args.shape}-art-{n}"
+        bundles = {"nectar_ort_cuda": args.work / f"{args.shape}-nectar-{n}",
+                   "full_ort_cuda": args.work / f"{args.shape}-full-{n}"}
+        if "fit" in stages and not (art / "nectar.json").is_file():
+            recipe = args.recipe if n == args.timed_n else "quick"
+            fit = step(f"fit n={n} ({recipe})", lambda: fit_one(checkpoint, context, n, args.head_params, recipe,
+                                                               args.reserve, art, args.device))
+            if fit is not None:
+                state["fit"][str(n)] = {"recipe": recipe, "seconds": fit["seconds"], "fit_seconds": fit["fit_seconds"],
+                                        "nectar_params": fit["nectar_params"], "samples": fit["samples"]}
+        if "export" in stages and (art / "nectar.json").is_file():
+            for engine, out in bundles.items():
+                if not (out / "bundle.json").is_file():
+                    result = step(f"export {out.name}", lambda: export_one(art, out, engine == "full_ort_cuda",
+                                                                             args.precision, args.device))
+                    if result is not None:
+                        state["export"][out.name] = result
+        if "measure" in stages:
+            for engine in args.engines.split(","):
+                if engine == "hf_static":
+                    if (art / "heldout.json").is_file():
+                        row = step(f"measure hf_static n={n}", lambda: measure_hf(checkpoint, art, args))
+                        if row is not None:
+                            add_row(state, {**row, "engine": "hf_static", "n": n})
+                elif (bundles[engine] / "bundle.json").is_file():
+                    row = step(f"measure {engine} n={n}", lambda: measure_bundle(bundles[engine], args))
+                    if row is not None:
+                        add_row(state, {**row, "engine": engine})
+    if "measure" in stages:
+        state["floor"] = step("floor", lambda: floor(checkpoint, args.precision))
+    report = write_report(state, args.out / f"{args.shape}.json", args.out / f"{args.shape}.png")
+    save_state(state_path, state)
+    return report
+
+
+def floor(checkpoint: Path, precision: str) -> dict[str, Any]:
+    """Weight bytes of the checkpoint in `precision` over the copy bandwidth measured now."""
+    import math
+
+    from safetensors import safe_open
+
+    params = 0
+    for shard in sorted(checkpoint.glob("*.safetensors")):              # a tied output head is stored once
+        with safe_open(str(shard), "pt") as f:
+            params += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    nbytes = params * {"fp16": 2, "bf16": 2, "fp32": 4}[precision]
+    bandwidth = gpu_reference.copy_bandwidth("cuda")
+    return {"weight_bytes": nbytes, "bandwidth": bandwidth,
+            "floor_ms": round(gpu_reference.floor_ms(nbytes, bandwidth["gb_per_s"]), 4)}
+
+
+ROW_KEYS = ("engine", "n", "ms_per_token", "prefill_ms", "device_mem_mb")
+
+
+def write_report(state: dict[str, Any], json_path: Path, png: Path) -> dict[str, Any]:
+    rows = sorted(({k: r[k] for k in ROW_KEYS} for r in state["rows"]), key=lambda r: (ENGINES.index(r["engine"]), r["n"]))
+    floor_ms = (state.get("floor") or {}).get("floor_ms")
+    report = {"shape": state["shape"], "gpu": state["gpu"], "rows": rows, "floor_ms": floor_ms,
+              "floor": state.get("floor"), "fit": state["fit"], "export": state["export"],
+              "checks": checks(rows, floor_ms), "errors": state["errors"], "settings": state["settings"],
+              "runs": state["rows"]}
+    json_path.write_text(json.dumps(report, indent=2))
+    if rows:
+        gpu_reference.plot_rows(rows, floor_ms, f"{state['shape']} (random weights), {state['gpu']}, batch 1", png)
+    return report
+
+
+def checks(rows: list[dict[str, Any]], floor_ms: float | None) -> dict[str, Any]:
+    """The issue's ratios, from whatever rows exist."""
+    at = {(r["engine"], r["n"]): r["ms_per_token"] for r in rows}
+    nectar = sorted(n for e, n in at if e == "nectar_ort_cuda")
+    out: dict[str, Any] = {}
+    if len(nectar) >= 2:
+        lo, hi = nectar[0], nectar[-1]
+        out["nectar_large_over_small"] = {"n_small": lo, "n_large": hi,
+                                          "ratio": round(at["nectar_ort_cuda", hi] / at["nectar_ort_cuda", lo], 4)}
+    for other in ("full_ort_cuda", "hf_static"):
+        common = [n for n in nectar if (other, n) in at]
+        if common:
+            n = common[-1]
+            out[f"{other}_over_nectar"] = {"n": n, "ratio": round(at[other, n] / at["nectar_ort_cuda", n], 3)}
+    if floor_ms and nectar:
+        out["nectar_over_floor"] = {n: round(at["nectar_ort_cuda", n] / floor_ms, 3) for n in nectar}
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpu_decode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(gpu_reference.SHAPES), default="qwen3-1.7b")
+    p.add_argument("--ns", default="4096,32768,131072", help="Context lengths, comma-separated.")
+    p.add_argument("--work", type=Path, default=Path("/tmp/nectar-gpu"), help="Checkpoints, artifacts, bundles.")
+    p.add_argument("--out", type=Path, default=HERE / "results", help="Folder for <shape>.json and <shape>.png.")
+    p.add_argument("--tokenizer", type=Path, help="Folder with tokenizer.json (+ tokenizer_config.json, template).")
+    p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--head-params", type=int, default=131072,
+                   help="Head parameters per layer and KV-head at every n (131072: the default 1/8 budget at 4K).")
+    p.add_argument("--recipe", choices=("default", "quick"), default="default", help="Fitting recipe at --timed-n.")
+    p.add_argument("--timed-n", type=int, default=32768, help="The n fitted with --recipe; other n use quick.")
+    p.add_argument("--reserve", type=int, default=512, help="New-token positions after the context.")
+    p.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")
+    p.add_argument("--device", default="cuda", help="Where fit and export's prefill run (measure needs a GPU).")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--compile", action="store_true", help="torch.compile the hf_static decode step.")
+    p.add_argument("--overrides", default="{}", help="JSON config overrides for the shape (tests make it tiny).")
+    p.add_argument("--hf-child", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--artifact", type=Path, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.hf_child:
+        print(json.dumps(hf_child(args)))
+        return 0
+    report = run(args)
+    print(json.dumps({k: report[k] for k in ("shape", "gpu", "rows", "floor_ms", "checks", "errors")}, indent=2))
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

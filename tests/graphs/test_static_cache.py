@@ -1,0 +1,109 @@
+"""Static-cache step graphs (KV buffers of R slots, new tokens scattered into `cache_position`) against torch.
+
+Same references as test_step_export.py: the Hugging Face model in Nectar mode for the Nectar graph, and
+transformers' own attention with the context in its cache for the baseline. The buffers are longer than
+what is used, so masked slots are exercised, and the presents are fed back as the next step's past, as a
+runtime that binds the present to the past's memory would see them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from nectar_export.attention import ExactContext, cache_keyword, nectar_mode
+from nectar_export.heads import HeadsContext
+from nectar_graphs.export import export_step
+from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, op_counts, run_pipeline
+from nectar_graphs.step import StepModule, nectar_contexts
+from test_step_export import N, PROMPT, STEPS, TOL, _heads, _run_torch, _session
+
+SPARE = 3          # buffer slots never filled
+
+
+def _run_static(session, first_ids: torch.Tensor, steps: list[int], start: int, buffers: list[np.ndarray],
+                first_slot: int) -> list[np.ndarray]:
+    """Logits of a prefill then one step per token, each step writing slots first_slot + 0, 1, ..."""
+    names = [i.name for i in session.get_inputs()]
+    ids, slot, position, logits = first_ids, first_slot, start, []
+    for token in [None, *steps]:
+        if token is not None:
+            ids = torch.tensor([[token]])
+        T = ids.shape[1]
+        feeds = [ids.numpy(), np.arange(position, position + T).reshape(1, T), np.arange(slot, slot + T), *buffers]
+        out = session.run(None, dict(zip(names, feeds)))
+        assert all(o.shape == b.shape for o, b in zip(out[1:], buffers)), "a present is not the whole buffer"
+        logits.append(out[0][:, -1])
+        buffers, slot, position = out[1:], slot + T, position + T
+    return logits
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def static(request, tmp_path_factory):
+    arch = request.param
+    model = tiny_model(arch)
+    pairs, keys, values = _heads(model)
+    folder = tmp_path_factory.mktemp(f"static-{arch}")
+    graphs = {}
+    for kind, contexts in (("nectar", nectar_contexts(pairs, keys, values)), ("full", None)):
+        graph = export_step(StepModule(model, contexts, static=True).eval())
+        run_pipeline(graph, [fold_constants, fuse_sibling_matmuls, convert_precision("fp32"), cleanup])
+        graphs[kind] = (_session(graph, folder / f"{kind}.onnx"), graph)
+    return arch, model, (pairs, keys, values), graphs
+
+
+def test_static_nectar_graph_matches_torch_nectar_model(static):
+    arch, model, (pairs, keys, values), graphs = static
+    from transformers import DynamicCache
+
+    prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(2))
+    contexts = [HeadsContext(p, ExactContext(k, v)) for p, k, v in zip(pairs, keys, values)]
+    with nectar_mode(model, contexts):
+        ref, tokens = _run_torch(model, prompt, N, DynamicCache(config=model.config))
+    cfg, dim = model.config, keys[0].shape[-1]
+    slots = PROMPT + STEPS + SPARE
+    rng = np.random.default_rng(0)          # junk in unfilled slots must not leak through the mask
+    buffers = [rng.standard_normal((1, cfg.num_key_value_heads, slots, dim)).astype(np.float32)
+               for _ in range(2 * cfg.num_hidden_layers)]
+    got = _run_static(graphs["nectar"][0], prompt, tokens, N, buffers, 0)
+    gaps = [float(np.abs(a - b).max()) for a, b in zip(got, ref)]
+    assert len(gaps) == STEPS + 1
+    assert max(gaps) < TOL, f"{arch}: logit gaps per step {gaps}"
+
+
+def test_static_baseline_graph_matches_transformers_full_attention(static):
+    arch, model, _, graphs = static
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(3)
+    context = torch.randint(0, model.config.vocab_size, (1, N), generator=g)
+    prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT), generator=g)
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=context, use_cache=True, **{cache_keyword(model): cache})
+    buffers = []
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            buf = np.zeros((1, t.shape[1], N + PROMPT + STEPS + SPARE, t.shape[3]), np.float32)
+            buf[:, :, :N] = t.numpy()
+            buffers.append(buf)
+    ref, tokens = _run_torch(model, prompt, N, cache)
+    got = _run_static(graphs["full"][0], prompt, tokens, N, buffers, N)
+    gaps = [float(np.abs(a - b).max()) for a, b in zip(got, ref)]
+    assert max(gaps) < TOL, f"{arch}: logit gaps per step {gaps}"
+
+
+def test_static_graph_io(static):
+    arch, model, _, graphs = static
+    session, graph = graphs["nectar"]
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    assert list(inputs)[:3] == ["input_ids", "position_ids", "cache_position"]
+    assert inputs["cache_position"] == ["sequence"]
+    assert inputs["past_key_values.0.key"][0] == "batch" and inputs["past_key_values.0.key"][2] == "cache_slots"
+    assert outputs["present.0.key"] == inputs["past_key_values.0.key"], "present and past must share one shape"
+    layers = model.config.num_hidden_layers
+    counts = op_counts(graph)
+    assert counts.get("ScatterElements") == 2 * layers, counts      # one per past tensor: K and V per layer
