@@ -104,7 +104,7 @@ def summarize_profile(trace: Path, last_runs: int) -> dict[str, Any]:
 
 
 def measure(path: Path, tokens: int, warmup: int, prompt_tokens: int, threads: int | None,
-            backend_name: str = "ort-cpu", profile: Path | None = None) -> dict[str, Any]:
+            backend_name: str = "ort-cpu", profile: Path | None = None, cuda_graph: bool = True) -> dict[str, Any]:
     """One bundle's row, measured in this process (run it in a fresh one).
 
     On ort-cuda the row also has `device_mem_mb`: the GPU's memory in use at the end of the measured pass
@@ -127,18 +127,22 @@ def measure(path: Path, tokens: int, warmup: int, prompt_tokens: int, threads: i
     options: dict[str, Any] = {"threads": threads} if backend_name == "ort-cpu" else {}
     if profile is not None:
         options["profile"] = str(profile)
+    if backend_name == "ort-cuda" and not cuda_graph:
+        options["cuda_graph"] = False
     with make_backend(bundle, backend_name, **options) as backend:
         forced_decode(backend, prompt, feed[:warmup])                      # warm-up: first-run allocations
         result = forced_decode(backend, prompt, feed[:tokens])
         kv_bytes = kv_bytes_held(bundle, len(prompt) + tokens)
         device_mem = gpu_mem_used_mb() if backend_name == "ort-cuda" else None
+        graphed = bool(getattr(backend, "cuda_graph", False))
         trace = summarize_profile(Path(backend.end_profiling()), tokens) if profile is not None else None
     return {"kind": bundle.kind, "n": bundle["n"], "ms_per_token": round(statistics.median(result.token_ms), 4),
             "prefill_ms": round(result.prefill_ms, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "bundle_bytes": sum(int(e["bytes"]) for e in bundle["files"].values()), "kv_bytes": kv_bytes,
             "bundle": str(path), "nectar_params": bundle["graph"].get("nectar_params", 0),
-            "tokens": tokens, "prompt_tokens": prompt_tokens, "backend": backend_name,
+            "tokens": tokens, "prompt_tokens": prompt_tokens, "backend": backend_name, "cuda_graph": graphed,
+            "cache_layout": "static" if bundle.static else "dynamic",
             **({"device_mem_mb": device_mem} if device_mem is not None else {}),
             **({"profile": trace} if trace is not None else {})}
 
@@ -160,6 +164,8 @@ def run_child(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         cmd += ["--backend", args.backend]
     if args.profile:
         cmd += ["--profile", str(args.profile)]
+    if args.no_cuda_graph:
+        cmd += ["--no-cuda-graph"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
@@ -287,6 +293,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores).")
     p.add_argument("--backend", choices=("ort-cpu", "ort-cuda"), default="ort-cpu",
                    help="Runtime backend (the issue-4 table is ort-cpu; bench/gpu_decode.py uses ort-cuda).")
+    p.add_argument("--no-cuda-graph", action="store_true", help="ort-cuda: plain runs even for static bundles.")
     p.add_argument("--profile", type=Path, default=None,
                    help="ORT trace file prefix; rows get a per-step summary of it (node counts and times).")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="Folder for the JSON and the PNG.")
@@ -302,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             print(json.dumps(measure(args.child, args.tokens, args.warmup, args.prompt_tokens, args.threads,
-                                     args.backend, args.profile)))
+                                     args.backend, args.profile, not args.no_cuda_graph)))
         except RUNTIME_ERRORS as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -63,7 +63,7 @@ def make_checkpoint(shape: str, tokenizer: Path, folder: Path, overrides: dict[s
     import torch
 
     config = gpu_reference.make_config(shape, **overrides)
-    model = gpu_reference.random_model(config, torch.float32, "cpu")
+    model = gpu_reference.random_model(config, torch.float32, "cuda" if torch.cuda.is_available() else "cpu")
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -97,11 +97,11 @@ def fit_one(checkpoint: Path, context: Path, n: int, head_params: int, recipe: s
     return run_fit(config, out, device=device)
 
 
-def export_one(artifact: Path, out: Path, baseline: bool, precision: str, device: str) -> dict[str, Any]:
+def export_one(artifact: Path, out: Path, baseline: bool, precision: str, cache: str, device: str) -> dict[str, Any]:
     from nectar_export.export import ExportConfig, run_export
 
     manifest = run_export(ExportConfig(artifact=artifact, output=out, precision=precision, baseline=baseline,
-                                       device=device))
+                                       device=device, cache=cache))
     return {"export_seconds": manifest["graph"]["export_seconds"], "weight_bytes": manifest["graph"]["weight_bytes"],
             "bytes": {k: v["bytes"] for k, v in manifest["files"].items()}}
 
@@ -121,16 +121,37 @@ def run_engine(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, A
 
 
 def measure_bundle(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
-    return run_engine([sys.executable, str(HERE / "decode_latency.py"), "--child", str(bundle), "--backend", "ort-cuda",
-                       "--tokens", str(args.tokens), "--warmup", str(args.warmup),
-                       "--prompt-tokens", str(args.prompt_tokens)])
+    """ort-cuda on one bundle; a static bundle also without its CUDA graph (the row is the faster, both kept)."""
+    cmd = [sys.executable, str(HERE / "decode_latency.py"), "--child", str(bundle), "--backend", "ort-cuda",
+           "--tokens", str(args.tokens), "--warmup", str(args.warmup), "--prompt-tokens", str(args.prompt_tokens)]
+    static = json.loads((bundle / "bundle.json").read_text()).get("cache_layout") == "static"
+    runs = []
+    for extra in ([[], ["--no-cuda-graph"]] if static else [[]]):
+        try:
+            runs.append(run_engine(cmd + extra))
+        except RuntimeError as exc:
+            runs.append({"cuda_graph": not extra, "error": str(exc)[:500]})
+    done = [r for r in runs if "ms_per_token" in r]
+    if not done:
+        raise RuntimeError("; ".join(r["error"] for r in runs))
+    return {**min(done, key=lambda r: r["ms_per_token"]), "variants": runs}
 
 
 def measure_hf(checkpoint: Path, artifact: Path, args: argparse.Namespace) -> dict[str, Any]:
-    return run_engine([sys.executable, str(Path(__file__).resolve()), "--hf-child", str(checkpoint),
-                       "--artifact", str(artifact), "--precision", args.precision, "--tokens", str(args.tokens),
-                       "--warmup", str(args.warmup), "--prompt-tokens", str(args.prompt_tokens)]
-                      + (["--compile"] if args.compile else []))
+    """Eager, and with --compile also compiled (its own process); the row is the faster, both are kept."""
+    runs = []
+    for compiled in ([False, True] if args.compile else [False]):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-child", str(checkpoint), "--artifact",
+               str(artifact), "--precision", args.precision, "--tokens", str(args.tokens), "--warmup",
+               str(args.warmup), "--prompt-tokens", str(args.prompt_tokens)] + (["--compile"] if compiled else [])
+        try:
+            runs.append(run_engine(cmd))
+        except RuntimeError as exc:
+            if not compiled:
+                raise
+            runs.append({"compiled": True, "error": str(exc)[:500]})
+    best = min((r for r in runs if "ms_per_token" in r), key=lambda r: r["ms_per_token"])
+    return {**best, "variants": runs}
 
 
 def hf_child(args: argparse.Namespace) -> dict[str, Any]:
@@ -200,33 +221,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "checkpoint" in stages and not (checkpoint / "config.json").is_file():
         state["checkpoint"] = step("checkpoint", lambda: make_checkpoint(args.shape, args.tokenizer, checkpoint,
                                                                         overrides))
-    context = context_file(args.work, max(ns) + args.reserve)
-    for n in ns:
-        art = args.work / f"{args.shape}-art-{n}"
-        bundles = {"nectar_ort_cuda": args.work / f"{args.shape}-nectar-{n}",
-                   "full_ort_cuda": args.work / f"{args.shape}-full-{n}"}
-        if "fit" in stages and not (art / "nectar.json").is_file():
+    context = context_file(args.work, max(ns) + 65536)          # room for continuation samples past the context
+    art = {n: args.work / f"{args.shape}-art-{n}" for n in ns}
+
+    def fit(n: int) -> None:
+        if "fit" in stages and not (art[n] / "nectar.json").is_file():
             recipe = args.recipe if n == args.timed_n else "quick"
-            fit = step(f"fit n={n} ({recipe})", lambda: fit_one(checkpoint, context, n, args.head_params, recipe,
-                                                               args.reserve, art, args.device))
-            if fit is not None:
-                state["fit"][str(n)] = {"recipe": recipe, "seconds": fit["seconds"], "fit_seconds": fit["fit_seconds"],
-                                        "nectar_params": fit["nectar_params"], "samples": fit["samples"]}
-        if "export" in stages and (art / "nectar.json").is_file():
+            result = step(f"fit n={n} ({recipe})", lambda: fit_one(checkpoint, context, n, args.head_params, recipe,
+                                                                  args.reserve, art[n], args.device))
+            if result is not None:
+                state["fit"][str(n)] = {"recipe": recipe, "seconds": result["seconds"],
+                                        "fit_seconds": result["fit_seconds"], "nectar_params": result["nectar_params"],
+                                        "samples": result["samples"]}
+
+    if args.timed_n in ns:
+        fit(args.timed_n)                                     # the number the issue asks for, first
+    full_ns = {int(n) for n in args.full_ns.split(",")} if args.full_ns else set(ns)
+    for n in ns:
+        fit(n)
+        bundles = {"nectar_ort_cuda": args.work / f"{args.shape}-nectar-{n}"}
+        if n in full_ns:
+            bundles["full_ort_cuda"] = args.work / f"{args.shape}-full-{n}"
+        if "export" in stages and (art[n] / "nectar.json").is_file():
             for engine, out in bundles.items():
                 if not (out / "bundle.json").is_file():
-                    result = step(f"export {out.name}", lambda: export_one(art, out, engine == "full_ort_cuda",
-                                                                             args.precision, args.device))
+                    result = step(f"export {out.name}", lambda: export_one(art[n], out, engine == "full_ort_cuda",
+                                                                             args.precision, args.cache, args.device))
                     if result is not None:
                         state["export"][out.name] = result
         if "measure" in stages:
             for engine in args.engines.split(","):
                 if engine == "hf_static":
-                    if (art / "heldout.json").is_file():
-                        row = step(f"measure hf_static n={n}", lambda: measure_hf(checkpoint, art, args))
+                    if (art[n] / "heldout.json").is_file():
+                        row = step(f"measure hf_static n={n}", lambda: measure_hf(checkpoint, art[n], args))
                         if row is not None:
                             add_row(state, {**row, "engine": "hf_static", "n": n})
-                elif (bundles[engine] / "bundle.json").is_file():
+                elif engine in bundles and (bundles[engine] / "bundle.json").is_file():
                     row = step(f"measure {engine} n={n}", lambda: measure_bundle(bundles[engine], args))
                     if row is not None:
                         add_row(state, {**row, "engine": engine})
@@ -238,16 +268,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def floor(checkpoint: Path, precision: str) -> dict[str, Any]:
-    """Weight bytes of the checkpoint in `precision` over the copy bandwidth measured now."""
-    import math
+    """The bytes a decode step must read (gpu_reference.weight_bytes, in `precision`) over the copy bandwidth."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from safetensors import safe_open
-
-    params = 0
-    for shard in sorted(checkpoint.glob("*.safetensors")):              # a tied output head is stored once
-        with safe_open(str(shard), "pt") as f:
-            params += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
-    nbytes = params * {"fp16": 2, "bf16": 2, "fp32": 4}[precision]
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint), dtype=dtype)
+    nbytes = gpu_reference.weight_bytes(model)
     bandwidth = gpu_reference.copy_bandwidth("cuda")
     return {"weight_bytes": nbytes, "bandwidth": bandwidth,
             "floor_ms": round(gpu_reference.floor_ms(nbytes, bandwidth["gb_per_s"]), 4)}
@@ -264,9 +292,19 @@ def write_report(state: dict[str, Any], json_path: Path, png: Path) -> dict[str,
               "checks": checks(rows, floor_ms), "errors": state["errors"], "settings": state["settings"],
               "runs": state["rows"]}
     json_path.write_text(json.dumps(report, indent=2))
-    if rows:
-        gpu_reference.plot_rows(rows, floor_ms, f"{state['shape']} (random weights), {state['gpu']}, batch 1", png)
+    plot_report(report, png)
     return report
+
+
+def plot_report(report: dict[str, Any], png: Path) -> None:
+    """The PNG of a report; skipped with a note where matplotlib is absent (the H200 host has none)."""
+    if not report["rows"]:
+        return
+    try:
+        gpu_reference.plot_rows(report["rows"], report["floor_ms"],
+                                f"{report['shape']} (random weights), {report['gpu']}, batch 1", png)
+    except ImportError:
+        log(f"matplotlib is not installed: no {png.name}; run --replot {png.with_suffix('.json')} elsewhere")
 
 
 def checks(rows: list[dict[str, Any]], floor_ms: float | None) -> dict[str, Any]:
@@ -291,7 +329,10 @@ def checks(rows: list[dict[str, Any]], floor_ms: float | None) -> dict[str, Any]
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpu_decode", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(gpu_reference.SHAPES), default="qwen3-1.7b")
-    p.add_argument("--ns", default="4096,32768,131072", help="Context lengths, comma-separated.")
+    p.add_argument("--ns", default="4096,32768,131072", help="Context lengths, comma-separated, run in this order.")
+    p.add_argument("--full-ns", default=None, help="Lengths that also get a full-attention bundle [default: all].")
+    p.add_argument("--cache", choices=("static", "dynamic"), default="static",
+                   help="KV layout of the bundles: static (in-place buffers, CUDA-graph decode) or dynamic.")
     p.add_argument("--work", type=Path, default=Path("/tmp/nectar-gpu"), help="Checkpoints, artifacts, bundles.")
     p.add_argument("--out", type=Path, default=HERE / "results", help="Folder for <shape>.json and <shape>.png.")
     p.add_argument("--tokenizer", type=Path, help="Folder with tokenizer.json (+ tokenizer_config.json, template).")
@@ -309,6 +350,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--compile", action="store_true", help="torch.compile the hf_static decode step.")
     p.add_argument("--overrides", default="{}", help="JSON config overrides for the shape (tests make it tiny).")
+    p.add_argument("--replot", type=Path, help="Only redraw the PNG beside this report JSON.")
     p.add_argument("--hf-child", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--artifact", type=Path, help=argparse.SUPPRESS)
     return p
@@ -318,6 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.hf_child:
         print(json.dumps(hf_child(args)))
+        return 0
+    if args.replot:
+        plot_report(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
         return 0
     report = run(args)
     print(json.dumps({k: report[k] for k in ("shape", "gpu", "rows", "floor_ms", "checks", "errors")}, indent=2))

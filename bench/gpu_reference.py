@@ -218,7 +218,8 @@ def plot_rows(rows: list[dict[str, Any]], floor: float, title: str, png: str | P
     for engine in dict.fromkeys(r["engine"] for r in rows):
         mine = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["n"])
         ax.plot([r["n"] for r in mine], [r["ms_per_token"] for r in mine], marker="o", label=engine)
-    ax.axhline(floor, linestyle="--", color="gray", label=f"weight-streaming floor {floor:.2f} ms")
+    if floor:
+        ax.axhline(floor, linestyle="--", color="gray", label=f"weight-streaming floor {floor:.2f} ms")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context tokens n")
     ax.set_ylabel("median ms per decoded token")

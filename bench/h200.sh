@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# bench/gpu_decode.py on the offline H200 host, from a checkout whose onnxruntime-gpu was staged with
+# ../shared/tools/gpu-wheels.sh (installed under /tmp/site). Arguments go to gpu_decode.py; results land
+# in $OUT (the device tool's output folder) or bench/results, the full log in gpu_decode.log beside them.
+#   bash bench/h200.sh --shape qwen3-1.7b --ns 4096,131072,32768 --compile
+set -uo pipefail
+out=${OUT:-bench/results}
+mkdir -p "$out" /tmp/pp
+ln -sfn "$PWD/runtime" /tmp/pp/nectar_runtime          # the packages' import names (pip install -e elsewhere)
+ln -sfn "$PWD/graphs" /tmp/pp/nectar_graphs
+export PYTHONPATH=/tmp/site:/tmp/pp:$PWD
+export TQDM_MININTERVAL=30                               # progress bars: a line every 30 s in the log
+python3 bench/gpu_decode.py --tokenizer "${NECTAR_TOKENIZER:-runs/gpu/tokenizer}" --out "$out" "$@" \
+  2> "$out/gpu_decode.log"
+status=$?
+grep -a '^\[gpu\]' "$out/gpu_decode.log" | tail -60
+[ $status -eq 0 ] || tail -c 3000 "$out/gpu_decode.log"
+exit $status
