@@ -31,7 +31,7 @@ test: install
 	NECTAR_EDGE_VENV=1 $(BIN)/python -m pytest -q tests
 
 bench: install
-	$(BIN)/nectar-export bench --make --work runs/bench
+	$(BIN)/nectar-export bench --make --head-params 32768 --work runs/bench --tokens 128 --warmup 16
 
 clean:
 	rm -rf $(VENV) runs

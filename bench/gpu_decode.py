@@ -250,7 +250,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if result is not None:
                         state["export"][out.name] = result
         if "measure" in stages:
+            done = {(r["engine"], r["n"]) for r in state["rows"]} if not args.remeasure else set()
             for engine in args.engines.split(","):
+                if (engine, n) in done:                       # a resumed run keeps what it measured
+                    continue
                 if engine == "hf_static":
                     if (art[n] / "heldout.json").is_file():
                         row = step(f"measure hf_static n={n}", lambda: measure_hf(checkpoint, art[n], args))
@@ -350,6 +353,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--compile", action="store_true", help="torch.compile the hf_static decode step.")
     p.add_argument("--overrides", default="{}", help="JSON config overrides for the shape (tests make it tiny).")
+    p.add_argument("--remeasure", action="store_true", help="Measure again rows a resumed run already has.")
     p.add_argument("--replot", type=Path, help="Only redraw the PNG beside this report JSON.")
     p.add_argument("--hf-child", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--artifact", type=Path, help=argparse.SUPPRESS)

@@ -10,7 +10,7 @@ ln -sfn "$PWD/runtime" /tmp/pp/nectar_runtime          # the packages' import na
 ln -sfn "$PWD/graphs" /tmp/pp/nectar_graphs
 export PYTHONPATH=/tmp/site:/tmp/pp:$PWD
 export TQDM_MININTERVAL=30                               # progress bars: a line every 30 s in the log
-python3 bench/gpu_decode.py --tokenizer "${NECTAR_TOKENIZER:-runs/gpu/tokenizer}" --out "$out" "$@" \
+timeout --kill-after=15 "${NECTAR_TIMEOUT:-0}" python3 bench/gpu_decode.py --tokenizer "${NECTAR_TOKENIZER:-runs/gpu/tokenizer}" --out "$out" "$@" \
   2> "$out/gpu_decode.log"
 status=$?
 grep -a '^\[gpu\]' "$out/gpu_decode.log" | tail -60

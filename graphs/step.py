@@ -17,6 +17,8 @@ Two cache layouts:
   memory (ONNX Runtime's ScatterElements skips its copy when input and output share memory): no KV
   copy per step and a step that CUDA graphs can capture. A slot s is visible to new token t when
   s <= cache_position[t] (slots fill in order; full bundles keep the context in slots [0, n)).
+  Slots not yet written must hold finite numbers (a runtime zero-fills its buffers): a masked slot's
+  weight is exactly 0, but 0 * NaN is NaN.
 
 Shapes: B batch, T new tokens this step, P past tokens, Hq query heads, Hkv KV heads, G = Hq/Hkv,
 D head dim, E exact context tokens.

@@ -74,6 +74,7 @@ class OrtCudaBackend(Backend):
             raise BackendError("CUDA graphs need a static-cache bundle (nectar-export export --cache static)")
         self._decode: Any = None                   # static bundles: the one-token step's fixed binding
         self._decode_io: dict[str, Any] = {}       # its device inputs and logits
+        self._host: list[np.ndarray] = []          # host arrays behind "cpu" buffers (tests bind on the host)
         self.session: Any = None
         self._ort: Any = None
         self._binding: Any = None
@@ -124,7 +125,7 @@ class OrtCudaBackend(Backend):
         return options
 
     def release(self) -> None:
-        self._decode, self._decode_io = None, {}
+        self._decode, self._decode_io, self._host = None, {}, []
         self._kv, self._context, self._batch = {}, {}, 0
         self._binding = self.session = None
         self.active = False
@@ -148,17 +149,19 @@ class OrtCudaBackend(Backend):
     def _allocate_static(self, batch: int, shape: list[int]) -> None:
         """One buffer per past tensor (context in its first n slots) and the fixed one-token step binding."""
         b, ort = self.bundle, self._ort
-        if b.kind == "full":
-            if b["kv_dtype"] == "bfloat16":
-                raise BackendError("ort-cuda does not upload a bfloat16 context KV; export the full-attention "
-                                   "bundle with --precision fp16 or fp32")
-            self._kv = {}
-            for name, kv in zip(b.past_names(), load_context_kv(b, self.kv_dtype)):
-                host = np.zeros(shape, self.kv_dtype)
+        if b.kind == "full" and b["kv_dtype"] == "bfloat16":
+            raise BackendError("ort-cuda does not upload a bfloat16 context KV; export the full-attention "
+                               "bundle with --precision fp16 or fp32")
+        # zeros, not garbage: a masked slot's value still meets its 0 weight, and 0 * NaN is NaN
+        context = load_context_kv(b, self.kv_dtype) if b.kind == "full" else [None] * len(b.past_names())
+        self._kv, self._host = {}, []
+        for name, kv in zip(b.past_names(), context):
+            host = np.zeros(shape, self.kv_dtype)            # one array per buffer: on "cpu" ORT wraps it, no copy
+            if kv is not None:
                 host[:, :, :b["n"]] = kv
-                self._kv[name] = [ort.OrtValue.ortvalue_from_numpy(host, self.device, self.device_id)]
-        else:
-            self._kv = {name: [self._device_value(shape)] for name in b.past_names()}
+            self._kv[name] = [ort.OrtValue.ortvalue_from_numpy(host, self.device, self.device_id)]
+            if self.device == "cpu":
+                self._host.append(host)                      # keep what the OrtValue points into alive
         self._context, self._batch = {}, batch
         value = self._device_value
         io = {"input_ids": value([batch, 1], np.int64), "position_ids": value([batch, 1], np.int64),

@@ -102,3 +102,22 @@ def test_output_folder_that_is_not_an_artifact_is_left_alone(tmp_path, tiny_ckpt
                      "--no-ablations", "-o", str(out))
     assert result.returncode != 0 and "not a Nectar artifact" in result.stderr
     assert (out / "notes.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+
+
+def test_fit_on_a_gpu_this_torch_cannot_see(tmp_path, tiny_ckpt):
+    import torch
+
+    if torch.cuda.is_available():
+        return                                   # a CUDA machine can fit there; nothing to refuse
+    out = tmp_path / "out"
+    result = run_cli("fit", "--model", str(tiny_ckpt), "--device", "cuda", "-o", str(out))
+    _assert_clean_failure(result, out, "--device cuda", "no CUDA device")
+
+
+def test_head_params_too_small_for_the_exact_tokens(tmp_path, tiny_ckpt):
+    out = tmp_path / "out"
+    result = run_cli("fit", "--model", str(tiny_ckpt), "--context-tokens", "256", "--head-params", "300",
+                     "--window", "8", "-o", str(out))
+    _assert_clean_failure(result, out, "--head-params 300 leaves", "raise the budget")
+    result = run_cli("fit", "--model", str(tiny_ckpt), "--head-params", "0", "-o", str(out))
+    _assert_clean_failure(result, out, "--head-params must be a positive")

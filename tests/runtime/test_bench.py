@@ -37,3 +37,17 @@ def test_bench_measures_both_kinds(bundles, tmp_path):
 def test_bench_needs_something_to_measure(tmp_path):
     done = run_cli("bench", "--out", str(tmp_path))
     assert done.returncode != 0 and "nothing to measure" in done.stderr
+
+
+def test_profile_summary_from_a_real_trace(bundles, tmp_path):
+    """--profile: ONNX Runtime's own trace, reduced to the measured steps (one run per decode step)."""
+    done = subprocess.run([sys.executable, "bench/decode_latency.py", "--child", str(bundles["nectar_static"]),
+                           "--tokens", "4", "--warmup", "1", "--prompt-tokens", "8", "--profile",
+                           str(tmp_path / "trace")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    profile = row["profile"]
+    assert profile["runs"] == 4 and profile["nodes_per_step"] > 50
+    assert 0 < profile["node_ms_per_step"] <= profile["run_ms_per_step"] * 1.05
+    assert set(profile["last_step_nodes_by_provider"]) == {"CPUExecutionProvider"}
+    assert row["cache_layout"] == "static" and row["kv_bytes"] == (8 + 4) * 2 * 2 * 2 * 16 * 4

@@ -1,0 +1,38 @@
+"""bench/gpu_decode.py's report on rows: the issue's ratios, the JSON and the PNG (the GPU stages run on the H200)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import gpu_decode  # noqa: E402
+
+
+def _row(engine: str, n: int, ms: float) -> dict:
+    return {"engine": engine, "n": n, "ms_per_token": ms, "prefill_ms": 30.0, "device_mem_mb": 5000.0}
+
+
+def test_checks_compare_engines_at_the_largest_common_n():
+    rows = [_row("nectar_ort_cuda", 4096, 9.0), _row("nectar_ort_cuda", 131072, 9.9),
+            _row("full_ort_cuda", 131072, 33.0), _row("hf_static", 4096, 4.0)]
+    checks = gpu_decode.checks(rows, floor_ms=0.9)
+    assert checks["nectar_large_over_small"] == {"n_small": 4096, "n_large": 131072, "ratio": 1.1}
+    assert checks["full_ort_cuda_over_nectar"] == {"n": 131072, "ratio": round(33.0 / 9.9, 3)}
+    assert checks["hf_static_over_nectar"] == {"n": 4096, "ratio": round(4.0 / 9.0, 3)}
+    assert checks["nectar_over_floor"] == {4096: 10.0, 131072: 11.0}
+    assert gpu_decode.checks([_row("hf_static", 4096, 4.0)], None) == {}
+
+
+def test_report_keeps_row_keys_and_draws(tmp_path):
+    state = {"shape": "qwen3-1.7b", "gpu": "test", "fit": {}, "export": {}, "errors": [], "settings": {},
+             "floor": {"floor_ms": 0.84},
+             "rows": [{**_row("nectar_ort_cuda", 4096, 9.0), "variants": []}, _row("hf_static", 4096, 4.0)]}
+    report = gpu_decode.write_report(state, tmp_path / "r.json", tmp_path / "r.png")
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["rows"] == report["rows"] and written["floor_ms"] == 0.84
+    assert all(set(r) == set(gpu_decode.ROW_KEYS) for r in written["rows"])
+    assert [r["engine"] for r in written["rows"]] == ["nectar_ort_cuda", "hf_static"]
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
