@@ -7,6 +7,9 @@ attention as two softmax partials merged exactly.
 
 - Nectar step: per layer, the fitted pair (target and score networks) stands in for the modeled
   context; the exact tokens (sinks, window) are constants; the past is the earlier *new* tokens.
+  The exact tokens' keys and values sit in front of the new tokens' in one softmax (always visible),
+  and its partial merges once with the pair's: the same result as merging three partials, with one
+  softmax and one merge per layer fewer in the graph.
 - Full step: no pair and no constants; the past holds the context's real KV too (the baseline).
 
 Two cache layouts:
@@ -53,16 +56,15 @@ class Softmax(nn.Module):
 
 
 class Merge(nn.Module):
-    """Two softmax partials (lse, out) combined exactly, both lse finite: the Nectar merge (fp32)."""
+    """The output of two softmax partials (lse, out) combined exactly, both lse finite: the Nectar merge (fp32).
+
+    a's share of the joint softmax mass is exp(a) / (exp(a) + exp(b)) = sigmoid(a - b), so the output is
+    b_out + sigmoid(a_lse - b_lse) * (a_out - b_out): six nodes, and no overflow for any finite lse."""
 
     def forward(self, a_lse: torch.Tensor, a_out: torch.Tensor, b_lse: torch.Tensor,
-                b_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        peak = torch.maximum(a_lse, b_lse)
-        wa = torch.exp(a_lse - peak)
-        wb = torch.exp(b_lse - peak)
-        total = wa + wb
-        out = (wa.unsqueeze(-1) * a_out + wb.unsqueeze(-1) * b_out) / total.unsqueeze(-1)
-        return peak + torch.log(total), out
+                b_out: torch.Tensor) -> torch.Tensor:
+        share = torch.sigmoid(a_lse - b_lse).unsqueeze(-1)
+        return b_out + share * (a_out - b_out)
 
 
 class Rotary(nn.Module):
@@ -80,27 +82,25 @@ class Rotary(nn.Module):
 
 
 class NectarHeads(nn.Module):
-    """One layer's context stand-in: the fitted pair merged with the exact tokens' real KV."""
+    """One layer's context stand-in: the fitted pair, and the exact tokens' real KV (attended beside the new
+    tokens' by Attention)."""
 
     def __init__(self, pair: Pair, exact_keys: torch.Tensor, exact_values: torch.Tensor):
         super().__init__()
         self.pair = pair
-        self.softmax, self.merge = Softmax(), Merge()
         self.register_buffer("exact_keys", exact_keys.unsqueeze(0).clone())       # [1, Hkv, E, D]
         self.register_buffer("exact_values", exact_values.unsqueeze(0).clone())   # [1, Hkv, E, D]
 
+    @property
+    def exact_tokens(self) -> int:
+        return self.exact_keys.shape[2]
+
     def forward(self, q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [B, Hkv, G, T, D] -> the context partial (lse [B, Hkv, G, T], out [B, Hkv, G, T, D])."""
+        """q [B, Hkv, G, T, D] -> the pair's partial over the modeled context (lse [B, Hkv, G, T], out [..., D])."""
         B, Hkv, G, T, D = q.shape
         flat = q.permute(1, 0, 2, 3, 4).reshape(Hkv, B * G * T, D)
         lse, out = self.pair(flat, scaling)                                        # [Hkv, N], [Hkv, N, D]
-        lse = lse.reshape(Hkv, B, G, T).permute(1, 0, 2, 3)
-        out = out.reshape(Hkv, B, G, T, D).permute(1, 0, 2, 3, 4)
-        if self.exact_keys.shape[2] == 0:
-            return lse, out
-        keys = self.exact_keys.unsqueeze(2).transpose(-1, -2)                     # [1, Hkv, 1, D, E]
-        e_lse, probs = self.softmax((q @ keys) * scaling)                          # [B, Hkv, G, T, E]
-        return self.merge(lse, out, e_lse, probs @ self.exact_values.unsqueeze(2))
+        return lse.reshape(Hkv, B, G, T).permute(1, 0, 2, 3), out.reshape(Hkv, B, G, T, D).permute(1, 0, 2, 3, 4)
 
 
 class Attention(nn.Module):
@@ -141,11 +141,15 @@ class Attention(nn.Module):
             values = past_v.scatter(2, index, v)
         G = self.heads // self.kv_heads
         qg = q.view(B, self.kv_heads, G, T, self.head_dim)                        # [B, Hkv, G, T, D]
-        scores = (qg @ keys.unsqueeze(2).transpose(-1, -2)) * self.scaling        # [B, Hkv, G, T, P+T]
+        seen_k, seen_v = keys, values
+        if self.context is not None and self.context.exact_tokens:                # exact tokens first, always seen
+            seen_k = torch.cat([self.context.exact_keys.expand(B, -1, -1, -1), keys], dim=2)
+            seen_v = torch.cat([self.context.exact_values.expand(B, -1, -1, -1), values], dim=2)
+        scores = (qg @ seen_k.unsqueeze(2).transpose(-1, -2)) * self.scaling      # [B, Hkv, G, T, E+S]
         lse, probs = self.softmax(scores, keep.unsqueeze(2))
-        out = probs @ values.unsqueeze(2)                                          # [B, Hkv, G, T, D]
+        out = probs @ seen_v.unsqueeze(2)                                          # [B, Hkv, G, T, D]
         if self.context is not None:
-            out = self.merge(*self.context(qg, self.scaling), lse, out)[1]
+            out = self.merge(*self.context(qg, self.scaling), lse, out)
         out = out.reshape(B, self.heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(out), keys, values
 
@@ -199,6 +203,10 @@ class StepModule(nn.Module):
         rotary = body.rotary_emb
         self.rotary = Rotary(rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)))
         self.all_logits, self.static = all_logits, static
+        sizes = {c.exact_tokens for c in contexts if c is not None}
+        if len(sizes) > 1:
+            raise ValueError(f"every layer must keep the same number of exact tokens, got {sorted(sizes)}")
+        self.exact_tokens = sizes.pop() if sizes else 0
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask_or_slots: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -210,6 +218,9 @@ class StepModule(nn.Module):
             keep = slot_keep(slots, past[0].shape[2])                             # [1, 1, T, R]
         else:
             slots, keep = None, causal_keep(mask_or_slots, T)                     # [B, 1, T, P+T]
+        if self.exact_tokens:                                                     # the exact tokens: always seen
+            seen = torch.ones_like(keep[..., :1]).expand(*keep.shape[:-1], self.exact_tokens)
+            keep = torch.cat([seen, keep], dim=-1)
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             h, keys, values = layer(h, cos, sin, past[2 * i], past[2 * i + 1], keep, slots)
