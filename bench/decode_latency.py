@@ -99,7 +99,8 @@ def summarize_profile(trace: Path, last_runs: int) -> dict[str, Any]:
             "node_ms_per_step": round(statistics.median(sum(e["dur"] for e in r) / 1e3 for r in per_run), 4)
             if runs else 0,
             "run_ms_per_step": round(statistics.median((b - a) / 1e3 for a, b in runs), 4) if runs else 0,
-            "last_step_ms_by_op": dict(sorted(((k, round(v, 4)) for k, v in by_op.items()), key=lambda kv: -kv[1])[:15]),
+            "last_step_ms_by_op": dict(sorted(((k, round(v, 4)) for k, v in by_op.items()),
+                                              key=lambda kv: -kv[1])[:15]),
             "last_step_nodes_by_provider": providers}
 
 

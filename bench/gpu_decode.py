@@ -71,7 +71,8 @@ def make_checkpoint(shape: str, tokenizer: Path, folder: Path, overrides: dict[s
         if (tokenizer / name).is_file():
             shutil.copy(tokenizer / name, tmp / name)
     os.replace(tmp, folder)
-    return {"params": sum(p.numel() for p in model.parameters()), "weight_bytes_fp32": gpu_reference.weight_bytes(model)}
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "weight_bytes_fp32": gpu_reference.weight_bytes(model)}
 
 
 def context_file(work: Path, tokens_needed: int) -> Path:
@@ -288,7 +289,8 @@ ROW_KEYS = ("engine", "n", "ms_per_token", "prefill_ms", "device_mem_mb")
 
 
 def write_report(state: dict[str, Any], json_path: Path, png: Path) -> dict[str, Any]:
-    rows = sorted(({k: r[k] for k in ROW_KEYS} for r in state["rows"]), key=lambda r: (ENGINES.index(r["engine"]), r["n"]))
+    rows = sorted(({k: r[k] for k in ROW_KEYS} for r in state["rows"]),
+                  key=lambda r: (ENGINES.index(r["engine"]), r["n"]))
     floor_ms = (state.get("floor") or {}).get("floor_ms")
     report = {"shape": state["shape"], "gpu": state["gpu"], "rows": rows, "floor_ms": floor_ms,
               "floor": state.get("floor"), "fit": state["fit"], "export": state["export"],
