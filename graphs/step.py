@@ -81,6 +81,27 @@ class Rotary(nn.Module):
         return angles.cos() * self.scaling, angles.sin() * self.scaling
 
 
+class RMSNorm(nn.Module):
+    """The model's RMS norm (its weight and epsilon) written as x / sqrt(mean(x^2) + eps) * w in fp32.
+
+    Transformers writes x * rsqrt(...), which exports as Sqrt -> Reciprocal -> Mul; ONNX Runtime's
+    SimplifiedLayerNormFusion matches the Sqrt -> Div form and replaces the seven nodes with one."""
+
+    def __init__(self, hf_norm: nn.Module):
+        super().__init__()
+        self.weight = hf_norm.weight
+        self.eps = float(getattr(hf_norm, "variance_epsilon", getattr(hf_norm, "eps", 1e-6)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rms_norm(hf_norm: nn.Module | None) -> RMSNorm | None:
+    return RMSNorm(hf_norm) if hf_norm is not None else None
+
+
 class NectarHeads(nn.Module):
     """One layer's context stand-in: the fitted pair, and the exact tokens' real KV (attended beside the new
     tokens' by Attention)."""
@@ -111,8 +132,8 @@ class Attention(nn.Module):
         super().__init__()
         self.q_proj, self.k_proj = hf_attention.q_proj, hf_attention.k_proj
         self.v_proj, self.o_proj = hf_attention.v_proj, hf_attention.o_proj
-        self.q_norm = getattr(hf_attention, "q_norm", None)     # Qwen3 normalizes q and k per head
-        self.k_norm = getattr(hf_attention, "k_norm", None)
+        self.q_norm = rms_norm(getattr(hf_attention, "q_norm", None))     # Qwen3 normalizes q and k per head
+        self.k_norm = rms_norm(getattr(hf_attention, "k_norm", None))
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.scaling = float(hf_attention.scaling)
         self.softmax, self.merge = Softmax(), Merge()
@@ -164,8 +185,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class Layer(nn.Module):
     def __init__(self, hf_layer: nn.Module, attention: Attention):
         super().__init__()
-        self.input_layernorm = hf_layer.input_layernorm
-        self.post_attention_layernorm = hf_layer.post_attention_layernorm
+        self.input_layernorm = RMSNorm(hf_layer.input_layernorm)
+        self.post_attention_layernorm = RMSNorm(hf_layer.post_attention_layernorm)
         self.mlp = hf_layer.mlp
         self.self_attn = attention
 
@@ -196,7 +217,7 @@ class StepModule(nn.Module):
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         contexts = list(contexts) if contexts is not None else [None] * len(body.layers)
-        self.embed_tokens, self.norm, self.lm_head = body.embed_tokens, body.norm, hf_model.lm_head
+        self.embed_tokens, self.norm, self.lm_head = body.embed_tokens, RMSNorm(body.norm), hf_model.lm_head
         self.layers = nn.ModuleList(
             Layer(layer, Attention(layer.self_attn, heads, kv_heads, head_dim, ctx))
             for layer, ctx in zip(body.layers, contexts))
