@@ -251,28 +251,36 @@ def format_table(table: dict[str, list[dict[str, Any]]], ratio: dict[str, dict[s
     return "\n".join(lines)
 
 
-def plot(table: dict[str, list[dict[str, Any]]], png: Path) -> None:
-    """ms/token against n for both kinds."""
+def plot_lines(series: dict[str, list[dict[str, Any]]], title: str, png: Path, floor: float | None = None) -> None:
+    """ms_per_token against n, one line per label (rows sorted by n), an optional dashed floor; log2 n axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, label in (("nectar", "Nectar"), ("full", "full attention")):
-        rows = table[kind]
+    for label, rows in series.items():
+        rows = sorted(rows, key=lambda r: r["n"])
         if rows:
             ax.plot([r["n"] for r in rows], [r["ms_per_token"] for r in rows], marker="o", label=label)
+    if floor:
+        ax.axhline(floor, linestyle="--", color="gray", label=f"weight-streaming floor {floor:.2f} ms")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context tokens n")
     ax.set_ylabel("median ms per decoded token")
-    ax.set_title("Decode latency, ONNX Runtime CPU, batch 1")
+    ax.set_title(title)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
+
+
+def plot(table: dict[str, list[dict[str, Any]]], png: Path) -> None:
+    """ms/token against n for both kinds."""
+    plot_lines({"Nectar": table["nectar"], "full attention": table["full"]},
+               "Decode latency, ONNX Runtime CPU, batch 1", png)
 
 
 # -- command line ------------------------------------------------------------------------------------

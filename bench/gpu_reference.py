@@ -207,26 +207,9 @@ def hf_static_decode(model: torch.nn.Module, context_ids: list[int], prompt_ids:
 # -- plot -----------------------------------------------------------------------------------------------------
 
 
-def plot_rows(rows: list[dict[str, Any]], floor: float, title: str, png: str | Path) -> None:
+def plot_rows(rows: list[dict[str, Any]], floor: float | None, title: str, png: str | Path) -> None:
     """ms/token against context length n, one line per engine, with the bandwidth floor dashed."""
-    import matplotlib
+    from decode_latency import plot_lines       # the sibling script's plot (bench/ is on sys.path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for engine in dict.fromkeys(r["engine"] for r in rows):
-        mine = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["n"])
-        ax.plot([r["n"] for r in mine], [r["ms_per_token"] for r in mine], marker="o", label=engine)
-    if floor:
-        ax.axhline(floor, linestyle="--", color="gray", label=f"weight-streaming floor {floor:.2f} ms")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context tokens n")
-    ax.set_ylabel("median ms per decoded token")
-    ax.set_title(title)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    engines = dict.fromkeys(r["engine"] for r in rows)
+    plot_lines({e: [r for r in rows if r["engine"] == e] for e in engines}, title, Path(png), floor)

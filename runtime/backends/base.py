@@ -24,23 +24,25 @@ def kv_capacity(bundle: Bundle) -> int:
     return bundle["max_new_tokens"] + (bundle["n"] if bundle.kind == "full" else 0)
 
 
-def step_inputs(input_ids: np.ndarray, position: int, past: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(input_ids, position_ids, attention_mask) int64 for T new tokens at `position` after `past` cached ones."""
-    ids = np.ascontiguousarray(input_ids, dtype=np.int64)                       # [B, T]
-    batch, tokens = ids.shape
-    positions = np.ascontiguousarray(np.broadcast_to(np.arange(position, position + tokens, dtype=np.int64),
-                                                     (batch, tokens)))          # [B, T]
-    mask = np.ones((batch, past + tokens), dtype=np.int64)                      # [B, P + T]
-    return ids, positions, mask
-
-
-def static_inputs(input_ids: np.ndarray, position: int, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(input_ids, position_ids, cache_position) int64 for T new tokens at `position` written to slots slot..."""
+def _ids_and_positions(input_ids: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids [B, T] and position_ids [B, T] (position, position + 1, ... in every row), both int64."""
     ids = np.ascontiguousarray(input_ids, dtype=np.int64)
     batch, tokens = ids.shape
     positions = np.ascontiguousarray(np.broadcast_to(np.arange(position, position + tokens, dtype=np.int64),
                                                      (batch, tokens)))
-    return ids, positions, np.arange(slot, slot + tokens, dtype=np.int64)
+    return ids, positions
+
+
+def step_inputs(input_ids: np.ndarray, position: int, past: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, position_ids, attention_mask) int64 for T new tokens at `position` after `past` cached ones."""
+    ids, positions = _ids_and_positions(input_ids, position)
+    return ids, positions, np.ones((ids.shape[0], past + ids.shape[1]), dtype=np.int64)        # mask [B, P + T]
+
+
+def static_inputs(input_ids: np.ndarray, position: int, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, position_ids, cache_position) int64 for T new tokens at `position` written to slots slot..."""
+    ids, positions = _ids_and_positions(input_ids, position)
+    return ids, positions, np.arange(slot, slot + ids.shape[1], dtype=np.int64)
 
 
 def first_slot(bundle: Bundle) -> int:

@@ -138,6 +138,9 @@ class OrtCudaBackend(Backend):
     def _allocate(self, batch: int) -> None:
         """Two device buffers per past tensor, each [B, Hkv, capacity, D]; the context KV for full bundles."""
         b = self.bundle
+        if b.kind == "full" and b["kv_dtype"] == "bfloat16":
+            raise BackendError("ort-cuda does not upload a bfloat16 context KV; export the full-attention bundle "
+                               "with --precision fp16 or fp32")
         shape = [batch, b["kv_heads"], kv_capacity(b), b["head_dim"]]
         if b.static:
             self._allocate_static(batch, shape)
@@ -149,9 +152,6 @@ class OrtCudaBackend(Backend):
     def _allocate_static(self, batch: int, shape: list[int]) -> None:
         """One buffer per past tensor (context in its first n slots) and the fixed one-token step binding."""
         b, ort = self.bundle, self._ort
-        if b.kind == "full" and b["kv_dtype"] == "bfloat16":
-            raise BackendError("ort-cuda does not upload a bfloat16 context KV; export the full-attention "
-                               "bundle with --precision fp16 or fp32")
         # zeros, not garbage: a masked slot's value still meets its 0 weight, and 0 * NaN is NaN
         context = load_context_kv(b, self.kv_dtype) if b.kind == "full" else [None] * len(b.past_names())
         self._kv, self._host = {}, []
@@ -202,9 +202,6 @@ class OrtCudaBackend(Backend):
 
     def _upload_context(self, batch: int) -> dict[str, Any]:
         """The context's KV copied to the device once: past name -> OrtValue [B, Hkv, n, D]."""
-        if self.bundle["kv_dtype"] == "bfloat16":
-            raise BackendError("ort-cuda does not upload a bfloat16 context KV; export the full-attention bundle "
-                               "with --precision fp16 or fp32")
         host = load_context_kv(self.bundle, self.kv_dtype)                      # [1, Hkv, n, D] each
         ort = self._ort
         return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.repeat(kv, batch, axis=0)),

@@ -89,19 +89,26 @@ def test_unknown_backend(nectar_bundle):
         make_backend(load_bundle(nectar_bundle), "ort-rocm")
 
 
+PROMPT = np.array([[1, 17, 300, 4000, 9]], dtype=np.int64)
+
+
+def _same_greedy_sequences(plain: OrtCpuBackend, bound: HostBoundBackend) -> None:
+    """Two greedy sequences of 6 steps (the second reuses the buffers): identical logits at every step."""
+    for _ in range(2):
+        plain.reset(1)
+        bound.reset(1)
+        tokens = PROMPT
+        for _ in range(6):
+            want, got = plain.step(tokens), bound.step(tokens)
+            np.testing.assert_array_equal(got, want)
+            tokens = want.argmax(-1)[:, None]
+
+
 @pytest.mark.parametrize("kind", ["nectar", "full"])
 def test_iobinding_ping_pong_equals_the_cpu_backend(bundles, kind):
     bundle = load_bundle(bundles[kind])
-    prompt = np.array([[1, 17, 300, 4000, 9]], dtype=np.int64)
     with OrtCpuBackend(bundle) as plain, HostBoundBackend(bundle) as bound:
-        for _ in range(2):                                   # a second sequence reuses the buffers
-            plain.reset(1)
-            bound.reset(1)
-            tokens = prompt
-            for _ in range(6):
-                want, got = plain.step(tokens), bound.step(tokens)
-                np.testing.assert_array_equal(got, want)
-                tokens = want.argmax(-1)[:, None]
+        _same_greedy_sequences(plain, bound)
         past = plain.past[0].shape[2]                        # the present of the last step sits in buffer `cur`
         head = bound._kv[bundle.past_names()[0]][bound._cur].numpy().reshape(-1)[:plain.past[0].size]
         np.testing.assert_array_equal(head.reshape(plain.past[0].shape), plain.past[0])
@@ -112,11 +119,10 @@ def test_iobinding_ping_pong_equals_the_cpu_backend(bundles, kind):
 def test_static_layout_equals_the_dynamic_one(bundles, kind):
     dynamic, static = load_bundle(bundles[kind]), load_bundle(bundles[f"{kind}_static"])
     assert static.static and not dynamic.static
-    prompt = np.array([[1, 17, 300, 4000, 9]], dtype=np.int64)
     with OrtCpuBackend(dynamic) as grow, OrtCpuBackend(static) as fixed:
         grow.reset(1)
         fixed.reset(1)
-        tokens = prompt
+        tokens = PROMPT
         for _ in range(8):
             want, got = grow.step(tokens), fixed.step(tokens)
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
@@ -130,17 +136,9 @@ def test_static_layout_equals_the_dynamic_one(bundles, kind):
 def test_in_place_static_buffers_equal_the_cpu_backend(bundles, kind):
     """The ort-cuda static path (one buffer bound as past and present, fixed one-token binding) on host memory."""
     bundle = load_bundle(bundles[kind])
-    prompt = np.array([[1, 17, 300, 4000, 9]], dtype=np.int64)
     with OrtCpuBackend(bundle) as plain, HostBoundBackend(bundle) as bound:
         assert bound.cuda_graph
-        for _ in range(2):                                   # a second sequence reuses the buffers
-            plain.reset(1)
-            bound.reset(1)
-            tokens = prompt
-            for _ in range(6):
-                want, got = plain.step(tokens), bound.step(tokens)
-                np.testing.assert_array_equal(got.reshape(want.shape), want)
-                tokens = want.argmax(-1)[:, None]
+        _same_greedy_sequences(plain, bound)
         filled = plain.length                                # later slots are never written (nor read)
         for name, buffer in zip(bundle.past_names(), plain.buffers):
             np.testing.assert_array_equal(bound._kv[name][0].numpy()[:, :, :filled], buffer[:, :, :filled])
