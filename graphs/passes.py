@@ -3,9 +3,11 @@
 A pass returns a PassReport (name, changed, counts); a pipeline is an explicit list of passes.
 - fold_constants: constant folding, dead-code removal (onnxscript's optimizer), node counts before/after
 - fuse_sibling_matmuls: MatMuls that share their input and have constant weights become one MatMul
-  over the concatenated weights and a Split: q/k/v, gate/up, and each layer's Nectar networks
-- convert_precision: fp16 or bf16 weights and arithmetic, keeping softmax, log-sum-exp, merge, RMS
-  norms and rotary angles in fp32 with explicit Casts (TensorRT 11 is strongly typed)
+  over the concatenated weights and a Split: q/k/v and gate/up (an MLP pair is one network already)
+- convert_precision: fp16 or bf16 weights and arithmetic, keeping the RMS norms' normalization and the
+  rotary matrices in fp32 with explicit Casts (TensorRT 11 is strongly typed). The attention softmax
+  runs in the graph's type: its scores come out of a low-precision MatMul already rounded, and the
+  softmax kernels of ONNX Runtime CUDA and TensorRT accumulate in fp32.
 - cleanup: unused nodes and initializers, duplicate initializers, topological order
 """
 
@@ -20,8 +22,7 @@ import onnx_ir as ir
 
 LOW = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
 # modules whose arithmetic stays fp32 in a low-precision graph (matched on the exporter's class hierarchy)
-FP32_MODULES = ("nectar_graphs.step.Softmax", "nectar_graphs.step.Merge", "nectar_graphs.step.Rotary",
-                "RMSNorm", "QuadraturePair")
+FP32_MODULES = ("nectar_graphs.step.Rotary", "nectar_graphs.step.Normalize", "QuadraturePair")
 
 
 @dataclass

@@ -2,14 +2,16 @@
 
 One plain module for every supported architecture (Llama, Mistral, Qwen2, Qwen3). It reuses the
 Hugging Face model's own weights and submodules (projections, norms, MLP) and writes out only what
-the export needs to control: rotary embedding from the model's inverse frequencies, the masks, and
-attention as two softmax partials merged exactly.
+the export needs to control: rotary embedding from the model's inverse frequencies, the masks, the
+norms' form, and attention with the fitted pair merged exactly.
 
 - Nectar step: per layer, the fitted pair (target and score networks) stands in for the modeled
   context; the exact tokens (sinks, window) are constants; the past is the earlier *new* tokens.
-  The exact tokens' keys and values sit in front of the new tokens' in one softmax (always visible),
-  and its partial merges once with the pair's: the same result as merging three partials, with one
-  softmax and one merge per layer fewer in the graph.
+  Everything meets in one softmax: the pair enters it as one more key whose score is its predicted
+  log-normalizer and whose value is its predicted output, beside the exact tokens' and the new tokens'
+  real keys. That is the exact Nectar merge (the pair's share of the joint mass is
+  exp(lse) / (exp(lse) + sum exp(scores))), written as a softmax and one product, with no separate
+  log-sum-exp or merge nodes.
 - Full step: no pair and no constants; the past holds the context's real KV too (the baseline).
 
 Two cache layouts:
@@ -39,67 +41,88 @@ from torch.nn import functional as F
 # a fitted pair: any module mapping q [Hkv, N, D] and the softmax scale to (lse [Hkv, N], out [Hkv, N, D]);
 # nectar_export.heads defines them (this package does not import it: dependencies point the other way)
 Pair = nn.Module
-MASKED = -1.0e30   # finite "minus infinity": exp underflows to 0 and no row ever gives NaN
-
-
-class Softmax(nn.Module):
-    """Scores -> (log-sum-exp, probabilities) over the last axis. A module so that the precision pass
-    can find it by name and keep it in fp32; the product with the values stays outside, in the
-    graph's precision, as flash attention does."""
-
-    def forward(self, scores: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if keep is not None:
-            scores = scores.masked_fill(~keep, MASKED)
-        peak = scores.amax(-1, keepdim=True)
-        lse = peak + torch.log(torch.exp(scores - peak).sum(-1, keepdim=True))
-        return lse.squeeze(-1), torch.exp(scores - lse)
-
-
-class Merge(nn.Module):
-    """The output of two softmax partials (lse, out) combined exactly, both lse finite: the Nectar merge (fp32).
-
-    a's share of the joint softmax mass is exp(a) / (exp(a) + exp(b)) = sigmoid(a - b), so the output is
-    b_out + sigmoid(a_lse - b_lse) * (a_out - b_out): six nodes, and no overflow for any finite lse."""
-
-    def forward(self, a_lse: torch.Tensor, a_out: torch.Tensor, b_lse: torch.Tensor,
-                b_out: torch.Tensor) -> torch.Tensor:
-        share = torch.sigmoid(a_lse - b_lse).unsqueeze(-1)
-        return b_out + share * (a_out - b_out)
+# finite "minus infinity" in fp32, fp16 and bf16 alike: exp underflows to 0 and no row ever gives NaN
+MASKED = -6.0e4
 
 
 class Rotary(nn.Module):
-    """cos and sin of the rotary angles for explicit positions, [B, 1, T, D] (fp32: positions reach 1e5)."""
+    """Each position's rotary embedding as one [D, D] matrix, [B, T, D, D], computed in fp32 (positions reach 1e5).
+
+    Rotate-half rotary is x * cos + turn(x) * sin with turn a signed permutation, so it is x @ (I cos + P sin):
+    one batched MatMul per projection instead of the slice/negate/concat/multiply/add chain, and in a
+    low-precision graph each output is rounded once (fp32 accumulation) instead of after every op."""
 
     def __init__(self, inv_freq: torch.Tensor, scaling: float):
         super().__init__()
         self.register_buffer("inv_freq", inv_freq.detach().float().clone())
         self.scaling = scaling
+        dim = 2 * inv_freq.numel()
+        half = torch.arange(dim // 2)
+        turn = torch.zeros(dim, dim)
+        turn[half + dim // 2, half] = -1.0          # out[i] gets -x[i + D/2] sin[i] for i < D/2
+        turn[half, half + dim // 2] = 1.0           # and x[i - D/2] sin[i] for i >= D/2
+        self.register_buffer("eye", torch.eye(dim))
+        self.register_buffer("turn", turn)
 
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         freqs = position_ids.unsqueeze(-1).float() * self.inv_freq                # [B, T, D/2]
-        angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)                   # [B, 1, T, D]
-        return angles.cos() * self.scaling, angles.sin() * self.scaling
+        angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(-2)                  # [B, T, 1, D]
+        return (self.eye * angles.cos() + self.turn * angles.sin()) * self.scaling
+
+
+class Normalize(nn.Module):
+    """x / sqrt(mean(x^2) + eps) in fp32, back in x's type: the part of an RMS norm that stays fp32."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        return (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
-    """The model's RMS norm (its weight and epsilon) written as x / sqrt(mean(x^2) + eps) * w in fp32.
+    """The model's RMS norm (its weight and epsilon): Normalize in fp32, then the weight in the graph's type,
+    the order transformers uses.
 
     Transformers writes x * rsqrt(...), which exports as Sqrt -> Reciprocal -> Mul; ONNX Runtime's
-    SimplifiedLayerNormFusion matches the Sqrt -> Div form and replaces the seven nodes with one."""
+    SimplifiedLayerNormFusion matches this Sqrt -> Div form and replaces the nodes with one. In an fp16
+    graph the pattern is Cast -> ... -> Div -> Cast -> Mul(fp16 weight), which the CUDA provider fuses
+    into one fp16-in, fp16-out kernel (casts included)."""
 
     def __init__(self, hf_norm: nn.Module):
         super().__init__()
         self.weight = hf_norm.weight
-        self.eps = float(getattr(hf_norm, "variance_epsilon", getattr(hf_norm, "eps", 1e-6)))
+        self.normalize = Normalize(float(getattr(hf_norm, "variance_epsilon", getattr(hf_norm, "eps", 1e-6))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * self.normalize(x)
 
 
 def rms_norm(hf_norm: nn.Module | None) -> RMSNorm | None:
     return RMSNorm(hf_norm) if hf_norm is not None else None
+
+
+class JointPair(nn.Module):
+    """An MLP pair's score and target networks run as one network of three batched products.
+
+    From `MLPPair.joint_weights()`: the input standardization folded into the first layer, both first
+    layers and both linear skips side by side in one product, the second and third layers block-diagonal.
+    The output row per query is [lse, out_1 .. out_D]."""
+
+    def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                 w3: torch.Tensor, b3: torch.Tensor):
+        super().__init__()
+        for name, t in zip(("w1", "b1", "w2", "b2", "w3", "b3"), (w1, b1, w2, b2, w3, b3)):
+            self.register_buffer(name, t.detach().clone())
+        self.hidden = w2.shape[-1]
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        """q [Hkv, N, D] -> [Hkv, N, 1 + D]."""
+        hidden, skip = torch.baddbmm(self.b1, q, self.w1).split([self.hidden, self.w1.shape[-1] - self.hidden], -1)
+        h = F.silu(torch.baddbmm(self.b2, F.silu(hidden), self.w2))
+        return torch.baddbmm(self.b3, h, self.w3) + skip
 
 
 class NectarHeads(nn.Module):
@@ -117,11 +140,15 @@ class NectarHeads(nn.Module):
         return self.exact_keys.shape[2]
 
     def forward(self, q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [B, Hkv, G, T, D] -> the pair's partial over the modeled context (lse [B, Hkv, G, T], out [..., D])."""
+        """q [B, Hkv, G, T, D] -> the pair's partial over the modeled context (lse [B, Hkv, G, T, 1], out [..., D])."""
         B, Hkv, G, T, D = q.shape
         flat = q.permute(1, 0, 2, 3, 4).reshape(Hkv, B * G * T, D)
+        if isinstance(self.pair, JointPair):
+            joint = self.pair(flat).reshape(Hkv, B, G, T, D + 1).permute(1, 0, 2, 3, 4)
+            lse, out = joint.split([1, D], -1)
+            return lse, out
         lse, out = self.pair(flat, scaling)                                        # [Hkv, N], [Hkv, N, D]
-        return lse.reshape(Hkv, B, G, T).permute(1, 0, 2, 3), out.reshape(Hkv, B, G, T, D).permute(1, 0, 2, 3, 4)
+        return lse.reshape(Hkv, B, G, T, 1).permute(1, 0, 2, 3, 4), out.reshape(Hkv, B, G, T, D).permute(1, 0, 2, 3, 4)
 
 
 class Attention(nn.Module):
@@ -136,22 +163,23 @@ class Attention(nn.Module):
         self.k_norm = rms_norm(getattr(hf_attention, "k_norm", None))
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.scaling = float(hf_attention.scaling)
-        self.softmax, self.merge = Softmax(), Merge()
         self.context = context
 
-    def _project(self, proj: nn.Module, norm: nn.Module | None, x: torch.Tensor, heads: int) -> torch.Tensor:
+    def _project(self, proj: nn.Module, norm: nn.Module | None, x: torch.Tensor, heads: int,
+                 rotation: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         y = proj(x).view(B, T, heads, self.head_dim)
         if norm is not None:
             y = norm(y)
+        if rotation is not None:
+            y = y @ rotation                                                     # [B, T, H, D] @ [B, T, D, D]
         return y.transpose(1, 2)                                                 # [B, H, T, D]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
-                past_v: torch.Tensor, keep: torch.Tensor,
-                slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                keep: torch.Tensor, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
-        q = rotate(self._project(self.q_proj, self.q_norm, x, self.heads), cos, sin)
-        k = rotate(self._project(self.k_proj, self.k_norm, x, self.kv_heads), cos, sin)
+        q = self._project(self.q_proj, self.q_norm, x, self.heads, rotation)
+        k = self._project(self.k_proj, self.k_norm, x, self.kv_heads, rotation)
         v = self._project(self.v_proj, None, x, self.kv_heads)
         if slots is None:
             keys = torch.cat([past_k, k], dim=2)                                  # [B, Hkv, P+T, D]
@@ -167,19 +195,16 @@ class Attention(nn.Module):
             seen_k = torch.cat([self.context.exact_keys.expand(B, -1, -1, -1), keys], dim=2)
             seen_v = torch.cat([self.context.exact_values.expand(B, -1, -1, -1), values], dim=2)
         scores = (qg @ seen_k.unsqueeze(2).transpose(-1, -2)) * self.scaling      # [B, Hkv, G, T, E+S]
-        lse, probs = self.softmax(scores, keep.unsqueeze(2))
-        out = probs @ seen_v.unsqueeze(2)                                          # [B, Hkv, G, T, D]
-        if self.context is not None:
-            out = self.merge(*self.context(qg, self.scaling), lse, out)
+        scores = scores.masked_fill(~keep.unsqueeze(2), MASKED)
+        if self.context is None:
+            out = torch.softmax(scores, dim=-1) @ seen_v.unsqueeze(2)              # [B, Hkv, G, T, D]
+        else:                                                                      # the pair: one more key
+            pair_lse, pair_out = self.context(qg, self.scaling)
+            pair_share, probs = torch.softmax(torch.cat([pair_lse, scores], dim=-1), dim=-1).split(
+                [1, scores.shape[-1]], -1)
+            out = pair_share * pair_out + probs @ seen_v.unsqueeze(2)
         out = out.reshape(B, self.heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(out), keys, values
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the rotate-half layout all four architectures use; cos, sin [B, 1, T, D]."""
-    half = x.shape[-1] // 2
-    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + turned * sin
 
 
 class Layer(nn.Module):
@@ -190,10 +215,9 @@ class Layer(nn.Module):
         self.mlp = hf_layer.mlp
         self.self_attn = attention
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
-                past_v: torch.Tensor, keep: torch.Tensor,
-                slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        a, keys, values = self.self_attn(self.input_layernorm(h), cos, sin, past_k, past_v, keep, slots)
+    def forward(self, h: torch.Tensor, rotation: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                keep: torch.Tensor, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a, keys, values = self.self_attn(self.input_layernorm(h), rotation, past_k, past_v, keep, slots)
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h)), keys, values
 
@@ -233,7 +257,7 @@ class StepModule(nn.Module):
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h = self.embed_tokens(input_ids)                                          # [B, T, hidden]
         T = input_ids.shape[1]
-        cos, sin = (x.to(h.dtype) for x in self.rotary(position_ids))
+        rotation = self.rotary(position_ids).to(h.dtype)                           # [B, T, D, D]
         if self.static:
             slots = mask_or_slots
             keep = slot_keep(slots, past[0].shape[2])                             # [1, 1, T, R]
@@ -244,7 +268,7 @@ class StepModule(nn.Module):
             keep = torch.cat([seen, keep], dim=-1)
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            h, keys, values = layer(h, cos, sin, past[2 * i], past[2 * i + 1], keep, slots)
+            h, keys, values = layer(h, rotation, past[2 * i], past[2 * i + 1], keep, slots)
             presents += [keys, values]
         if not self.all_logits:
             h = h[:, -1:]
@@ -272,6 +296,9 @@ def slot_keep(slots: torch.Tensor, R: int) -> torch.Tensor:
 
 def nectar_contexts(pairs: Sequence[Pair], exact_keys: Sequence[torch.Tensor],
                     exact_values: Sequence[torch.Tensor]) -> list[NectarHeads]:
-    """Per-layer NectarHeads from fitted pairs and the exact tokens' keys/values [Hkv, E, D]."""
-    return [NectarHeads(p, k, v) for p, k, v in zip(pairs, exact_keys, exact_values)]
+    """Per-layer NectarHeads from fitted pairs and the exact tokens' keys/values [Hkv, E, D]; a pair that
+    offers `joint_weights()` (an MLP pair) runs as a JointPair."""
+    def graph_pair(pair: Pair) -> nn.Module:
+        return JointPair(*pair.joint_weights()) if hasattr(pair, "joint_weights") else pair
+    return [NectarHeads(graph_pair(p), k, v) for p, k, v in zip(pairs, exact_keys, exact_values)]
 

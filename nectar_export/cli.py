@@ -104,7 +104,7 @@ def evaluate(artifact: str, model: str | None, questions: int | None, as_json: b
 @click.argument("artifact", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Weights and arithmetic; softmax, log-sum-exp, merge, norms and rotary stay fp32.")
+              help="Weights and arithmetic; RMS normalization and rotary matrices stay fp32.")
 @click.option("--baseline", is_flag=True, help="Export the full-attention graph (context KV as past input) instead.")
 @click.option("--all-logits", is_flag=True, help="Return logits for every new token, not only the last.")
 @click.option("--variant", default="nectar", show_default=True, help="Which head set of the artifact to export.")

@@ -83,6 +83,7 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
     heldout = json.loads((Path(config.artifact).expanduser() / "heldout.json").read_text())
     cache = context_cache(model, heldout["context_ids"], check_device(config.device))
     static = config.cache == "static"
+    pairs = None
     if config.baseline:
         step = StepModule(model, None, config.all_logits, static)
     else:
@@ -106,6 +107,7 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
 
     report = lint(ir.to_proto(graph))
     stage("write")
+    params = nectar_params(step, pairs)
     bundle = {
         "kind": "full" if config.baseline else "nectar", "precision": config.precision, "kv_dtype": kv_dtype,
         "cache_layout": config.cache,
@@ -125,7 +127,8 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
         "graph": {"opset": OPSET, "ir_version": IR_VERSION, "passes": [r.to_json() for r in reports],
                   "op_counts": op_counts(graph), "weight_bytes": weight_bytes(graph),
                   "base_params": sum(p.numel() for p in model.parameters()),
-                  "nectar_params": nectar_params(step), "dims_equal_to_n": len(tensors_with_dim(graph, artifact.n)),
+                  "nectar_params": params["fitted"], "nectar_graph_numbers": params["in_graph"],
+                  "dims_equal_to_n": len(tensors_with_dim(graph, artifact.n)),
                   "lint": report},
     }
     bundle["graph"]["export_seconds"] = stage.seconds       # the write stage's own time is not in the file
@@ -147,10 +150,15 @@ def context_cache(model: Any, ids: list[int], device: torch.device) -> ContextCa
         torch.cuda.empty_cache()
 
 
-def nectar_params(step: Any) -> int:
-    """Numbers the document leaves in the graph: every pair's weights and buffers plus the exact tokens' KV."""
+def nectar_params(step: Any, pairs: Any = None) -> dict[str, int]:
+    """Numbers the document leaves in the graph: every fitted pair's weights and buffers plus the exact tokens'
+    KV ("fitted"), and the constants that hold them in the graph ("in_graph": a joint MLP pair's block-diagonal
+    layers add zeros)."""
     contexts = [layer.self_attn.context for layer in step.layers if layer.self_attn.context is not None]
-    return sum(t.numel() for c in contexts for t in [*c.parameters(), *c.buffers()])
+    in_graph = sum(t.numel() for c in contexts for t in [*c.parameters(), *c.buffers()])
+    exact = sum(c.exact_keys.numel() + c.exact_values.numel() for c in contexts)
+    fitted = sum(t.numel() for p in (pairs or []) for t in [*p.parameters(), *p.buffers()])
+    return {"fitted": fitted + exact, "in_graph": in_graph}
 
 
 def _context_kv(cache: Any, dtype: str) -> dict[str, Any]:

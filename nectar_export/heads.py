@@ -55,6 +55,27 @@ class MLPPair(nn.Module):
         return self._run(x, self.score).squeeze(-1), self._run(x, self.target)
 
     @torch.no_grad()
+    def joint_weights(self) -> tuple[torch.Tensor, ...]:
+        """Both networks as one (w1, b1, w2, b2, w3, b3) computing [S, T] = the pair's output for the raw q.
+
+        Layer 1 reads q directly: x = (q - mean) * scale is folded in (x @ W = q @ (scale^T * W) - (mean * scale) @ W),
+        and its columns are [score hidden, target hidden, score skip, target skip]. Layers 2 and 3 are
+        block-diagonal over [score, target]. The result is silu(silu(q w1 + b1)[:hidden] w2 + b2) w3 + b3
+        plus the skip columns of the first product: [lse, out] per query."""
+        s1, sb1, s2, sb2, s3, sb3, s_skip = self.score
+        t1, tb1, t2, tb2, t3, tb3, t_skip = self.target
+        heads, dim, hs, ht = self.heads, self.dim, self.score_hidden, self.target_hidden
+        first = torch.cat([s1, t1, s_skip, t_skip], dim=-1)                       # [H, D, hs + ht + 1 + D]
+        bias = torch.cat([sb1, tb1, sb1.new_zeros(heads, 1, 1 + dim)], dim=-1)
+        w1 = self.q_scale.transpose(1, 2) * first
+        b1 = bias - (self.q_mean * self.q_scale) @ first
+        w2 = s2.new_zeros(heads, hs + ht, hs + ht)
+        w2[:, :hs, :hs], w2[:, hs:, hs:] = s2, t2
+        w3 = s3.new_zeros(heads, hs + ht, 1 + dim)
+        w3[:, :hs, :1], w3[:, hs:, 1:] = s3, t3
+        return w1, b1, w2, torch.cat([sb2, tb2], -1), w3, torch.cat([sb3, tb3], -1)
+
+    @torch.no_grad()
     def init_from(self, q: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
         """Standardize inputs with the training queries and start the outputs at the targets' means."""
         self.q_mean.copy_(q.mean(1, keepdim=True))

@@ -77,14 +77,15 @@ def test_fold_constants_counts_removed_nodes():
 
 def _softmax_graph() -> ir.Model:
     rng = np.random.default_rng(1)
-    """MatMul (low precision) -> Exp and ReduceSum tagged as the step's Softmax module (kept fp32) -> Div."""
+    """MatMul (low precision) -> Exp, ReduceSum and Div tagged as an fp32 island (the norms' Normalize module
+    class) -> MatMul."""
     nodes = [helper.make_node("MatMul", ["x", "w"], ["s"], name="mm"),
              helper.make_node("Exp", ["s"], ["e"], name="exp"),
              helper.make_node("ReduceSum", ["e", "axes"], ["z"], keepdims=1, name="sum"),
              helper.make_node("Div", ["e", "z"], ["p"], name="div"),
              helper.make_node("MatMul", ["p", "v"], ["out"], name="pv")]
     for node in nodes[1:4]:
-        node.metadata_props.add(key="pkg.torch.onnx.class_hierarchy", value="['nectar_graphs.step.Softmax']")
+        node.metadata_props.add(key="pkg.torch.onnx.class_hierarchy", value="['nectar_graphs.step.Normalize']")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
     return _model(nodes, [x], [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4])],
                   {"w": rng.standard_normal((8, 6), np.float32) * 0.5, "v": rng.standard_normal((6, 4), np.float32),
@@ -92,7 +93,7 @@ def _softmax_graph() -> ir.Model:
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_precision_keeps_the_softmax_in_fp32(precision):
+def test_precision_keeps_an_fp32_island(precision):
     model = _softmax_graph()
     report = convert_precision(precision)(model)
     low = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}[precision]
