@@ -107,6 +107,69 @@ def export_one(artifact: Path, out: Path, baseline: bool, precision: str, cache:
             "bytes": {k: v["bytes"] for k, v in manifest["files"].items()}}
 
 
+class Exports:
+    """Export subprocesses, at most `jobs` at a time, so the exports' CPU work (tracing, folding, writing:
+    minutes each at 1.7B) overlaps the fits and each other instead of queueing behind them."""
+
+    def __init__(self, jobs: int, args: argparse.Namespace):
+        import threading
+
+        self.jobs, self.args = jobs, args
+        self.queued: list[tuple[str, list[str]]] = []
+        self.running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
+        self.finished: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+        threading.Thread(target=self._keep_polling, daemon=True).start()   # queued exports start during fits
+
+    def _keep_polling(self) -> None:
+        while True:
+            time.sleep(2)
+            self.poll()
+
+    def submit(self, artifact: Path, out: Path, baseline: bool) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--export-child", str(artifact), "--bundle", str(out),
+               "--precision", self.args.precision, "--cache", self.args.cache, "--device", self.args.device]
+        with self.lock:
+            self.queued.append((out.name, cmd + (["--baseline"] if baseline else [])))
+        self.poll()
+
+    def poll(self) -> None:
+        with self.lock:
+            self._poll()
+
+    def _poll(self) -> None:
+        """Collect finished exports and start queued ones while there is room."""
+        for name, (proc, start, log_path) in list(self.running.items()):
+            if proc.poll() is None:
+                continue
+            del self.running[name]
+            text = log_path.read_text(errors="replace")
+            if proc.returncode == 0:
+                self.finished[name] = json.loads(text.strip().splitlines()[-1])
+                log(f"export {name}: {time.perf_counter() - start:.1f} s")
+            else:
+                tail = [line for line in text.strip().splitlines() if line.strip()][-3:] or ["no output"]
+                self.finished[name] = {"error": f"exit {proc.returncode}: " + " | ".join(tail)[:1500]}
+                log(f"export {name} FAILED: {self.finished[name]['error']}")
+        threads = str(max(1, (os.cpu_count() or 2) // max(1, self.jobs)))
+        while self.queued and len(self.running) < self.jobs:
+            name, cmd = self.queued.pop(0)
+            log_path = self.args.work / f"{name}.export.log"
+            env = {**os.environ, "OMP_NUM_THREADS": threads, "TQDM_DISABLE": "1"}
+            with log_path.open("w") as handle:
+                proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+            self.running[name] = (proc, time.perf_counter(), log_path)
+            log(f"export {name} started ({len(self.running)} running, {len(self.queued)} queued)")
+
+    def wait(self, names: set[str]) -> dict[str, dict[str, Any]]:
+        """Block until none of `names` is queued or running; their results (or {"error": ...})."""
+        while True:
+            with self.lock:
+                if not names & ({n for n, _ in self.queued} | set(self.running)):
+                    return {n: self.finished.pop(n) for n in names if n in self.finished}
+            time.sleep(2)
+
+
 def run_engine(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """A measuring child; its last stdout line is its JSON row. Memory is counted from before it started."""
     from decode_latency import gpu_mem_used_mb
@@ -135,7 +198,14 @@ def measure_bundle(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
     done = [r for r in runs if "ms_per_token" in r]
     if not done:
         raise RuntimeError("; ".join(r["error"] for r in runs))
-    return {**min(done, key=lambda r: r["ms_per_token"]), "variants": runs}
+    row = {**min(done, key=lambda r: r["ms_per_token"]), "variants": runs}
+    if args.profile:             # ORT's trace needs the step run node by node: no CUDA graph, a run of its own
+        try:
+            traced = run_engine(cmd + ["--no-cuda-graph", "--profile", str(args.work / f"{bundle.name}-profile")])
+            row["profile"] = {"ms_per_token": traced["ms_per_token"], **traced.get("profile", {})}
+        except RuntimeError as exc:
+            row["profile"] = {"error": str(exc)[:500]}
+    return row
 
 
 def measure_hf(checkpoint: Path, artifact: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -235,35 +305,69 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         "fit_seconds": result["fit_seconds"], "nectar_params": result["nectar_params"],
                                         "samples": result["samples"]}
 
+    full_ns = {int(n) for n in args.full_ns.split(",")} if args.full_ns else set(ns)
+
+    def bundles(n: int) -> dict[str, Path]:
+        out = {"nectar_ort_cuda": args.work / f"{args.shape}-nectar-{n}"}
+        if n in full_ns:
+            out["full_ort_cuda"] = args.work / f"{args.shape}-full-{n}"
+        return out
+
+    exports = Exports(args.jobs, args) if args.jobs > 1 else None
+
+    def export(n: int) -> None:
+        """Each missing bundle of n: in this process, or handed to the export pool (--jobs > 1)."""
+        if "export" not in stages or not (art[n] / "nectar.json").is_file():
+            return
+        for engine, out in bundles(n).items():
+            if (out / "bundle.json").is_file():
+                continue
+            if exports is not None:
+                exports.submit(art[n], out, engine == "full_ort_cuda")
+                continue
+            result = step(f"export {out.name}", lambda: export_one(art[n], out, engine == "full_ort_cuda",
+                                                                     args.precision, args.cache, args.device))
+            if result is not None:
+                state["export"][out.name] = result
+
+    def collect_exports(names: set[str]) -> None:
+        if exports is None:
+            return
+        for name, result in exports.wait(names).items():
+            if "error" in result:
+                state["errors"].append({"step": f"export {name}", "error": result["error"]})
+            else:
+                state["export"][name] = result
+        save_state(state_path, state)
+
+    def measure(n: int) -> None:
+        if "measure" not in stages:
+            return
+        done = {(r["engine"], r["n"]) for r in state["rows"]} if not args.remeasure else set()
+        for engine in args.engines.split(","):
+            if (engine, n) in done:                           # a resumed run keeps what it measured
+                continue
+            if engine == "hf_static":
+                if (art[n] / "heldout.json").is_file():
+                    row = step(f"measure hf_static n={n}", lambda: measure_hf(checkpoint, art[n], args))
+                    if row is not None:
+                        add_row(state, {**row, "engine": "hf_static", "n": n})
+            elif engine in bundles(n) and (bundles(n)[engine] / "bundle.json").is_file():
+                row = step(f"measure {engine} n={n}", lambda: measure_bundle(bundles(n)[engine], args))
+                if row is not None:
+                    add_row(state, {**row, "engine": engine})
+
     if args.timed_n in ns:
         fit(args.timed_n)                                     # the number the issue asks for, first
-    full_ns = {int(n) for n in args.full_ns.split(",")} if args.full_ns else set(ns)
     for n in ns:
         fit(n)
-        bundles = {"nectar_ort_cuda": args.work / f"{args.shape}-nectar-{n}"}
-        if n in full_ns:
-            bundles["full_ort_cuda"] = args.work / f"{args.shape}-full-{n}"
-        if "export" in stages and (art[n] / "nectar.json").is_file():
-            for engine, out in bundles.items():
-                if not (out / "bundle.json").is_file():
-                    result = step(f"export {out.name}", lambda: export_one(art[n], out, engine == "full_ort_cuda",
-                                                                             args.precision, args.cache, args.device))
-                    if result is not None:
-                        state["export"][out.name] = result
-        if "measure" in stages:
-            done = {(r["engine"], r["n"]) for r in state["rows"]} if not args.remeasure else set()
-            for engine in args.engines.split(","):
-                if (engine, n) in done:                       # a resumed run keeps what it measured
-                    continue
-                if engine == "hf_static":
-                    if (art[n] / "heldout.json").is_file():
-                        row = step(f"measure hf_static n={n}", lambda: measure_hf(checkpoint, art[n], args))
-                        if row is not None:
-                            add_row(state, {**row, "engine": "hf_static", "n": n})
-                elif engine in bundles and (bundles[engine] / "bundle.json").is_file():
-                    row = step(f"measure {engine} n={n}", lambda: measure_bundle(bundles[engine], args))
-                    if row is not None:
-                        add_row(state, {**row, "engine": engine})
+        export(n)
+        if exports is None:
+            measure(n)
+    if exports is not None:
+        for n in ns:                                          # each n as soon as its bundles are written
+            collect_exports({out.name for out in bundles(n).values()})
+            measure(n)
     if "measure" in stages:
         state["floor"] = step("floor", lambda: floor(checkpoint, args.precision))
     report = write_report(state, args.out / f"{args.shape}.json", args.out / f"{args.shape}.png")
@@ -356,8 +460,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the hf_static decode step.")
     p.add_argument("--overrides", default="{}", help="JSON config overrides for the shape (tests make it tiny).")
     p.add_argument("--remeasure", action="store_true", help="Measure again rows a resumed run already has.")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="Exports running at once, each its own process (1: one after another, in this process).")
+    p.add_argument("--profile", action="store_true",
+                   help="Also profile each bundle's step node by node (ORT trace, without the CUDA graph).")
     p.add_argument("--replot", type=Path, help="Only redraw the PNG beside this report JSON.")
     p.add_argument("--hf-child", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--export-child", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--artifact", type=Path, help=argparse.SUPPRESS)
     return p
 
@@ -366,6 +477,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.hf_child:
         print(json.dumps(hf_child(args)))
+        return 0
+    if args.export_child:
+        print(json.dumps(export_one(args.export_child, args.bundle, args.baseline, args.precision, args.cache,
+                                    args.device)))
         return 0
     if args.replot:
         plot_report(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))

@@ -81,16 +81,15 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
     model, tokenizer = loaded.model, loaded.tokenizer
     _check_sliding_window(model.config, artifact.n + manifest["positions"]["max_new_tokens"])
     heldout = json.loads((Path(config.artifact).expanduser() / "heldout.json").read_text())
-    cache = context_cache(model, heldout["context_ids"], check_device(config.device))
-    static = config.cache == "static"
+    device, static = check_device(config.device), config.cache == "static"
     pairs = None
     if config.baseline:
+        cache = context_cache(model, heldout["context_ids"], device)
         step = StepModule(model, None, config.all_logits, static)
-    else:
-        exact = cache.exact_index(*artifact.exact_tokens)
+    else:                                    # only the exact tokens' KV leaves the device
+        cache = context_cache(model, heldout["context_ids"], device, exact=artifact.exact_tokens)
         pairs = artifact.heads[config.variant]
-        step = StepModule(model, nectar_contexts(pairs, [k[:, exact] for k in cache.keys],
-                                                 [v[:, exact] for v in cache.values]), config.all_logits, static)
+        step = StepModule(model, nectar_contexts(pairs, cache.keys, cache.values), config.all_logits, static)
     passes = [fold_constants, fuse_sibling_matmuls, convert_precision(config.precision), cleanup]
     stage = Stages(["torch.onnx.export", *[p.__name__ for p in passes], "lint", "write"])
     stage("torch.onnx.export")
@@ -138,13 +137,20 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
         stage.close()
 
 
-def context_cache(model: Any, ids: list[int], device: torch.device) -> ContextCache:
-    """The context's KV on the CPU, prefilled on `device` (the model is back on the CPU afterwards)."""
+def context_cache(model: Any, ids: list[int], device: torch.device,
+                  exact: tuple[int, int] | None = None) -> ContextCache:
+    """The context's KV on the CPU, prefilled on `device` (the model is back on the CPU afterwards); with
+    exact = (sinks, window), only those tokens' KV (sliced where it was computed)."""
+    def kept(cache: ContextCache) -> ContextCache:
+        if exact is None:
+            return ContextCache([k.cpu() for k in cache.keys], [v.cpu() for v in cache.values])
+        index = cache.exact_index(*exact)
+        return ContextCache([k[:, index].cpu() for k in cache.keys], [v[:, index].cpu() for v in cache.values])
+
     if device.type == "cpu":
-        return prefill(model, ids)
+        return kept(prefill(model, ids))
     try:
-        cache = prefill(model.to(device), ids)
-        return ContextCache([k.cpu() for k in cache.keys], [v.cpu() for v in cache.values])
+        return kept(prefill(model.to(device), ids))
     finally:
         model.cpu()
         torch.cuda.empty_cache()

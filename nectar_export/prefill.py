@@ -50,6 +50,5 @@ def prefill(model: Any, ids: Sequence[int], chunk: int = 512, progress: bool = T
     for start in tqdm(range(0, tokens.shape[1], chunk), desc="prefill", unit="chunk", disable=not progress):
         piece = tokens[:, start:start + chunk]
         model(input_ids=piece, **{cache_keyword(model): cache}, use_cache=True, logits_to_keep=1)
-    keys = [layer.keys[0].clone() for layer in cache.layers]
-    values = [layer.values[0].clone() for layer in cache.layers]
-    return ContextCache(keys=keys, values=values)
+    # views of the cache's own tensors (batch 0): no copy, so the peak is one cache (30 GB at 128K for 1.7B fp32)
+    return ContextCache(keys=[layer.keys[0] for layer in cache.layers], values=[layer.values[0] for layer in cache.layers])

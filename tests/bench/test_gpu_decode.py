@@ -36,3 +36,25 @@ def test_report_keeps_row_keys_and_draws(tmp_path):
     assert all(set(r) == set(gpu_decode.ROW_KEYS) for r in written["rows"])
     assert [r["engine"] for r in written["rows"]] == ["nectar_ort_cuda", "hf_static"]
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 49152}
+
+
+def test_stages_before_measuring_run_on_the_cpu_with_parallel_exports(tmp_path, tokenizer_dir):
+    """checkpoint, fit and export of a tiny Qwen3-shaped model, exports two at a time in child processes."""
+    work = tmp_path / "work"
+    code = gpu_decode.main(["--shape", "qwen3-1.7b", "--overrides", json.dumps(TINY), "--ns", "96,64",
+                            "--stages", "checkpoint,fit,export", "--device", "cpu", "--jobs", "2",
+                            "--recipe", "quick", "--timed-n", "0", "--head-params", "4096", "--reserve", "32",
+                            "--tokenizer", str(tokenizer_dir), "--work", str(work), "--out", str(tmp_path / "out")])
+    state = json.loads((work / "qwen3-1.7b-state.json").read_text())
+    assert code == 0 and state["errors"] == []
+    names = {f"qwen3-1.7b-{kind}-{n}" for kind in ("nectar", "full") for n in (96, 64)}
+    assert set(state["export"]) == names
+    for name in names:
+        manifest = json.loads((work / name / "bundle.json").read_text())
+        assert manifest["cache_layout"] == "static" and manifest["kind"] == name.split("-")[2]
+        assert state["export"][name]["export_seconds"]["torch.onnx.export"] > 0
+    assert set(state["fit"]) == {"96", "64"} and all(f["recipe"] == "quick" for f in state["fit"].values())
