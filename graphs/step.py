@@ -194,15 +194,21 @@ class Attention(nn.Module):
         if self.context is not None and self.context.exact_tokens:                # exact tokens first, always seen
             seen_k = torch.cat([self.context.exact_keys.expand(B, -1, -1, -1), keys], dim=2)
             seen_v = torch.cat([self.context.exact_values.expand(B, -1, -1, -1), values], dim=2)
-        scores = (qg @ seen_k.unsqueeze(2).transpose(-1, -2)) * self.scaling      # [B, Hkv, G, T, E+S]
-        scores = scores.masked_fill(~keep.unsqueeze(2), MASKED)
+        S = seen_k.shape[2]
+        # a group's G query heads are rows of one product with its KV head: [B, Hkv, G*T, D] @ [B, Hkv, D, S].
+        # Both operands then have the same batch dims, which ONNX Runtime's CUDA MatMul runs as one strided
+        # batched GEMM; broadcasting the KV over G instead makes it build per-matrix pointer arrays on the
+        # host and copy them to the device at every run (no place for that in a captured CUDA graph).
+        scores = (q.reshape(B, self.kv_heads, G * T, self.head_dim) @ seen_k.transpose(-1, -2)) * self.scaling
+        scores = scores.view(B, self.kv_heads, G, T, S).masked_fill(~keep.unsqueeze(2), MASKED)
         if self.context is None:
-            out = torch.softmax(scores, dim=-1) @ seen_v.unsqueeze(2)              # [B, Hkv, G, T, D]
+            probs = torch.softmax(scores, dim=-1)
         else:                                                                      # the pair: one more key
             pair_lse, pair_out = self.context(qg, self.scaling)
-            pair_share, probs = torch.softmax(torch.cat([pair_lse, scores], dim=-1), dim=-1).split(
-                [1, scores.shape[-1]], -1)
-            out = pair_share * pair_out + probs @ seen_v.unsqueeze(2)
+            pair_share, probs = torch.softmax(torch.cat([pair_lse, scores], dim=-1), dim=-1).split([1, S], -1)
+        out = (probs.reshape(B, self.kv_heads, G * T, S) @ seen_v).view(B, self.kv_heads, G, T, self.head_dim)
+        if self.context is not None:
+            out = pair_share * pair_out + out
         out = out.reshape(B, self.heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(out), keys, values
 
