@@ -347,15 +347,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for engine in args.engines.split(","):
             if (engine, n) in done:                           # a resumed run keeps what it measured
                 continue
+            # exports still running beside this measurement (CPU work only; recorded with the row)
+            busy = {"concurrent_exports": len(exports.running) if exports is not None else 0}
             if engine == "hf_static":
                 if (art[n] / "heldout.json").is_file():
                     row = step(f"measure hf_static n={n}", lambda: measure_hf(checkpoint, art[n], args))
                     if row is not None:
-                        add_row(state, {**row, "engine": "hf_static", "n": n})
+                        add_row(state, {**row, "engine": "hf_static", "n": n, **busy})
             elif engine in bundles(n) and (bundles(n)[engine] / "bundle.json").is_file():
                 row = step(f"measure {engine} n={n}", lambda: measure_bundle(bundles(n)[engine], args))
                 if row is not None:
-                    add_row(state, {**row, "engine": engine})
+                    add_row(state, {**row, "engine": engine, **busy})
 
     if args.timed_n in ns:
         fit(args.timed_n)                                     # the number the issue asks for, first
