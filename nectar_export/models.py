@@ -86,7 +86,13 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         _save_plain_checkpoint(model, tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "nectar_source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            # another process converted the same file first (its folder appears whole, by rename): keep it
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

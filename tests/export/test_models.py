@@ -50,3 +50,15 @@ def test_a_file_that_is_not_gguf_is_refused(tmp_path):
 def test_directory_without_config_is_refused(tmp_path):
     with pytest.raises(NectarError, match="without config.json"):
         resolve_checkpoint(str(tmp_path))
+
+
+def test_a_conversion_that_loses_the_race_keeps_the_winner(tmp_path):
+    """Two jobs converting the same GGUF at once: the second rename meets the first's folder and keeps it."""
+    from nectar_export.models import _convert_gguf, default_gguf_path
+
+    target = tmp_path / "models" / "smollm2"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text('{"winner": true}')
+    _convert_gguf(default_gguf_path(), target)
+    assert (target / "config.json").read_text() == '{"winner": true}'
+    assert [p.name for p in target.parent.iterdir()] == ["smollm2"], "a temporary folder was left behind"
