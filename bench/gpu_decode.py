@@ -10,7 +10,8 @@ already under `--work` (so a run cut short by a time limit resumes where it stop
               (`--recipe default` is the full recipe whose per-stage times answer "how long does fitting
               take"; `--recipe quick` only makes heads of the right shape for the decode benchmark)
   export      a Nectar bundle and a full-attention baseline bundle per n (`--precision`, context prefilled
-              on the GPU, graph traced on the CPU)
+              on the GPU, graph traced on the CPU); `--jobs N` runs N exports at once in child processes,
+              beside the fits, and measures each n as soon as its bundles exist
   measure     one fresh subprocess per (engine, n), each the GPU's only user:
                 nectar_ort_cuda / full_ort_cuda: `bench/decode_latency.py --child --backend ort-cuda`
                 hf_static: transformers' own decode with a StaticCache and SDPA (`gpu_reference`)

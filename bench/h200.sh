@@ -2,7 +2,8 @@
 # bench/gpu_decode.py on the offline H200 host, from a checkout whose onnxruntime-gpu was staged with
 # ../shared/tools/gpu-wheels.sh (installed under /tmp/site). Arguments go to gpu_decode.py; results land
 # in $OUT (the device tool's output folder) or bench/results, the full log in gpu_decode.log beside them.
-#   bash bench/h200.sh --shape qwen3-1.7b --ns 4096,131072,32768 --compile
+#   bash bench/h200.sh --shape qwen3-1.7b --ns 131072,4096,32768 --full-ns 131072,4096 --recipe quick \
+#       --timed-n 0 --jobs 4 --compile --profile --work /tmp/ng
 set -uo pipefail
 out=${OUT:-bench/results}
 mkdir -p "$out" /tmp/pp
