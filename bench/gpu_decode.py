@@ -244,8 +244,9 @@ def hf_child(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from decode_latency import gpu_mem_used_mb
+    from nectar_export.export import TORCH_DTYPES
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+    dtype = TORCH_DTYPES[args.precision]
     model = AutoModelForCausalLM.from_pretrained(args.hf_child, dtype=dtype, attn_implementation="sdpa",
                                                  local_files_only=True).to("cuda").eval()
     context = json.loads((args.artifact / "heldout.json").read_text())["context_ids"]
@@ -318,7 +319,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         "fit_seconds": result["fit_seconds"], "nectar_params": result["nectar_params"],
                                         "samples": result["samples"]}
             release_device_memory()
-
 
     full_ns = {int(n) for n in args.full_ns.split(",")} if args.full_ns else set(ns)
 
@@ -397,7 +397,9 @@ def floor(checkpoint: Path, precision: str) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    from nectar_export.export import TORCH_DTYPES
+
+    dtype = TORCH_DTYPES[precision]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint), dtype=dtype)
     nbytes = gpu_reference.weight_bytes(model)

@@ -84,7 +84,7 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
     device, static = check_device(config.device), config.cache == "static"
     pairs = None
     if config.baseline:                      # the context's KV leaves the device in the bundle's precision
-        cache = context_cache(model, heldout["context_ids"], device, dtype=LOW_TORCH.get(config.precision))
+        cache = context_cache(model, heldout["context_ids"], device, dtype=TORCH_DTYPES[config.precision])
         step = StepModule(model, None, config.all_logits, static)
     else:                                    # only the exact tokens' KV leaves the device
         cache = context_cache(model, heldout["context_ids"], device, exact=artifact.exact_tokens)
@@ -156,9 +156,6 @@ def context_cache(model: Any, ids: list[int], device: torch.device, exact: tuple
     finally:
         model.cpu()
         torch.cuda.empty_cache()
-
-
-LOW_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def nectar_params(step: Any, pairs: Any = None) -> dict[str, int]:
