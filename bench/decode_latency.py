@@ -149,8 +149,8 @@ def measure(path: Path, tokens: int, warmup: int, prompt_tokens: int, threads: i
 
 
 def kv_bytes_held(bundle: Any, new_tokens: int) -> int:
-    """Bytes of the KV a bundle's step reads after `new_tokens` new tokens (context included for full bundles)."""
-    tokens = new_tokens + (bundle["n"] if bundle.kind == "full" else 0)
+    """Bytes of the KV a bundle's step reads after `new_tokens` new tokens (its context tokens included)."""
+    tokens = new_tokens + bundle.context_tokens
     item = {"float32": 4, "float16": 2, "bfloat16": 2}[bundle["kv_dtype"]]
     return 2 * bundle["layers"] * bundle["kv_heads"] * bundle["head_dim"] * tokens * item
 

@@ -6,13 +6,15 @@ the export needs to control: rotary embedding from the model's inverse frequenci
 norms' form, and attention with the fitted pair merged exactly.
 
 - Nectar step: per layer, the fitted pair (target and score networks) stands in for the modeled
-  context; the exact tokens (sinks, window) are constants; the past is the earlier *new* tokens.
+  context. The exact tokens (sinks, window) are not in the graph: their real KV is the start of the
+  past, as the context's is for the baseline, so the runtime loads them once with the bundle and the
+  graph of both kinds differs only by the pair.
   Everything meets in one softmax: the pair enters it as one more key whose score is its predicted
   log-normalizer and whose value is its predicted output, beside the exact tokens' and the new tokens'
   real keys. That is the exact Nectar merge (the pair's share of the joint mass is
   exp(lse) / (exp(lse) + sum exp(scores))), written as a softmax and one product, with no separate
   log-sum-exp or merge nodes.
-- Full step: no pair and no constants; the past holds the context's real KV too (the baseline).
+- Full step: no pair; the past starts with the whole context's real KV (the baseline).
 
 Two cache layouts:
 - dynamic (default): the past is [B, Hkv, P, D] and grows; presents are past + new, concatenated.
@@ -21,12 +23,19 @@ Two cache layouts:
   decode step is then the same at every step, and a runtime may bind the present to the past's own
   memory (ONNX Runtime's ScatterElements skips its copy when input and output share memory): no KV
   copy per step and a step that CUDA graphs can capture. A slot s is visible to new token t when
-  s <= cache_position[t] (slots fill in order; full bundles keep the context in slots [0, n)).
+  s <= cache_position[t] (slots fill in order; the context's tokens, the whole context or the exact
+  ones, hold the first slots).
   Slots not yet written must hold finite numbers (a runtime zero-fills its buffers): a masked slot's
   weight is exactly 0, but 0 * NaN is NaN.
 
+Attention runs in the layout the projections produce, [B, T, Hkv, G, D] for queries: the G query heads of a
+KV head are rows of one product with its keys [B, 1, Hkv, D, S], and the output goes to o_proj without a
+transpose. ONNX Runtime's CUDA MatMul runs such a product as one strided batched GEMM when both batch
+counts match (B * T * Hkv = B * Hkv, so for a one-token step); prefills of T > 1 tokens take its slower
+general path. The new keys and values are transposed once to the cache's [B, Hkv, T, D].
+
 Shapes: B batch, T new tokens this step, P past tokens, Hq query heads, Hkv KV heads, G = Hq/Hkv,
-D head dim, E exact context tokens.
+D head dim.
 """
 
 from __future__ import annotations
@@ -104,51 +113,84 @@ def rms_norm(hf_norm: nn.Module | None) -> RMSNorm | None:
     return RMSNorm(hf_norm) if hf_norm is not None else None
 
 
+# fp16-exact pre-activation of the constant column a JointPair carries through its layers: silu(16) rounds to 16
+CARRIER = 16.0
+
+
 class JointPair(nn.Module):
-    """An MLP pair's score and target networks run as one network of three batched products.
+    """An MLP pair's score and target networks run as one network of three batched products and nothing else.
 
     From `MLPPair.joint_weights()`: the input standardization folded into the first layer, both first
     layers and both linear skips side by side in one product, the second and third layers block-diagonal.
-    The output row per query is [lse, out_1 .. out_D]."""
+    The output row per query is [lse, out_1 .. out_D].
+
+    The second and third layers' biases and the linear skip are folded into the products, so a layer is
+    one MatMul and one activation (each separate Add or Split is one more kernel per layer and step):
+    - layer 1 also outputs q and -q, and a constant column CARRIER (its bias);
+    - silu(x) - silu(-x) = x, so the next product gets q back exactly from silu(q) and silu(-q), and the
+      constant silu(CARRIER) stands in for a bias row;
+    - layer 2 passes q, -q and the constant on the same way; layer 3 applies the skip to them.
+    The carried columns make layers 2 and 3 larger (zeros and identities), a few percent of the weights."""
 
     def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                  w3: torch.Tensor, b3: torch.Tensor):
         super().__init__()
-        for name, t in zip(("w1", "b1", "w2", "b2", "w3", "b3"), (w1, b1, w2, b2, w3, b3)):
-            self.register_buffer(name, t.detach().clone())
-        self.hidden = w2.shape[-1]
+        for name, t in zip(("w1", "b1", "w2", "w3"), carried_weights(w1, b1, w2, b2, w3, b3)):
+            self.register_buffer(name, t.detach().clone().contiguous())
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        """q [Hkv, N, D] -> [Hkv, N, 1 + D]."""
-        hidden, skip = torch.baddbmm(self.b1, q, self.w1).split([self.hidden, self.w1.shape[-1] - self.hidden], -1)
-        h = F.silu(torch.baddbmm(self.b2, F.silu(hidden), self.w2))
-        return torch.baddbmm(self.b3, h, self.w3) + skip
+        """q [..., Hkv, N, D] -> [..., Hkv, N, 1 + D] (any leading dims broadcast against the weights' Hkv)."""
+        h = F.silu(q @ self.w1 + self.b1)
+        return F.silu(h @ self.w2) @ self.w3
+
+
+def carried_weights(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, w3: torch.Tensor,
+                    b3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w1, b1, w2, w3) of the three-product network equal to silu(silu(q w1 + b1)[:H] w2 + b2) w3 + b3 + skip,
+    skip = (q w1 + b1)[H:] (see JointPair). Computed in float64, returned in w1's dtype."""
+    dtype = w1.dtype
+    w1, b1, w2, b2, w3, b3 = (t.double() for t in (w1, b1, w2, b2, w3, b3))
+    heads, dim, hidden = w1.shape[0], w1.shape[1], w2.shape[1]
+    out = w3.shape[-1]
+    eye = torch.eye(dim, dtype=torch.float64).expand(heads, dim, dim)
+    zeros = w1.new_zeros
+    c = float(F.silu(torch.tensor(CARRIER, dtype=torch.float64)))        # the constant after each activation
+    carrier_in = torch.cat([zeros(heads, 1, 2 * dim), torch.full((heads, 1, 1), CARRIER / c, dtype=torch.float64)], -1)
+    # layer 1: [hidden, q, -q, CARRIER]
+    n1 = w1[..., :hidden]
+    big_w1 = torch.cat([n1, eye, -eye, zeros(heads, dim, 1)], -1)
+    big_b1 = torch.cat([b1[..., :hidden], zeros(heads, 1, 2 * dim), torch.full((heads, 1, 1), CARRIER,
+                                                                                dtype=torch.float64)], -1)
+    # layer 2: rows [silu hidden, silu q, silu -q, c] -> [hidden2, q, -q, CARRIER]
+    pass_q = torch.cat([torch.cat([eye, -eye], -1), torch.cat([-eye, eye], -1)], 1)      # [H, 2D, 2D]
+    big_w2 = torch.cat([
+        torch.cat([w2, zeros(heads, hidden, 2 * dim + 1)], -1),
+        torch.cat([zeros(heads, 2 * dim, w2.shape[-1]), pass_q, zeros(heads, 2 * dim, 1)], -1),
+        torch.cat([b2 / c, carrier_in], -1),
+    ], 1)
+    # layer 3: rows [silu hidden2, silu q, silu -q, c] -> w3 silu(hidden2) + b3 + q skip_w + skip_b
+    skip_w, skip_b = w1[..., hidden:], b1[..., hidden:]
+    big_w3 = torch.cat([w3, skip_w, -skip_w, (b3 + skip_b) / c], 1)
+    assert big_w3.shape[-1] == out
+    return tuple(t.to(dtype) for t in (big_w1, big_b1, big_w2, big_w3))
 
 
 class NectarHeads(nn.Module):
-    """One layer's context stand-in: the fitted pair, and the exact tokens' real KV (attended beside the new
-    tokens' by Attention)."""
+    """One layer's context stand-in: the fitted pair (the exact tokens' real KV is at the start of the past)."""
 
-    def __init__(self, pair: Pair, exact_keys: torch.Tensor, exact_values: torch.Tensor):
+    def __init__(self, pair: Pair):
         super().__init__()
         self.pair = pair
-        self.register_buffer("exact_keys", exact_keys.unsqueeze(0).clone())       # [1, Hkv, E, D]
-        self.register_buffer("exact_values", exact_values.unsqueeze(0).clone())   # [1, Hkv, E, D]
-
-    @property
-    def exact_tokens(self) -> int:
-        return self.exact_keys.shape[2]
 
     def forward(self, q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [B, Hkv, G, T, D] -> the pair's partial over the modeled context (lse [B, Hkv, G, T, 1], out [..., D])."""
-        B, Hkv, G, T, D = q.shape
-        flat = q.permute(1, 0, 2, 3, 4).reshape(Hkv, B * G * T, D)
-        if isinstance(self.pair, JointPair):
-            joint = self.pair(flat).reshape(Hkv, B, G, T, D + 1).permute(1, 0, 2, 3, 4)
-            lse, out = joint.split([1, D], -1)
-            return lse, out
+        """q [B, T, Hkv, G, D] -> the pair's partial over the modeled context (lse [B, T, Hkv, G, 1], out [..., D])."""
+        B, T, Hkv, G, D = q.shape
+        if isinstance(self.pair, JointPair):               # per-KV-head weights broadcast over B and T
+            return self.pair(q).split([1, D], -1)
+        flat = q.permute(2, 0, 1, 3, 4).reshape(Hkv, B * T * G, D)
         lse, out = self.pair(flat, scaling)                                        # [Hkv, N], [Hkv, N, D]
-        return lse.reshape(Hkv, B, G, T, 1).permute(1, 0, 2, 3, 4), out.reshape(Hkv, B, G, T, D).permute(1, 0, 2, 3, 4)
+        return (lse.reshape(Hkv, B, T, G, 1).permute(1, 2, 0, 3, 4),
+                out.reshape(Hkv, B, T, G, D).permute(1, 2, 0, 3, 4))
 
 
 class Attention(nn.Module):
@@ -173,44 +215,36 @@ class Attention(nn.Module):
             y = norm(y)
         if rotation is not None:
             y = y @ rotation                                                     # [B, T, H, D] @ [B, T, D, D]
-        return y.transpose(1, 2)                                                 # [B, H, T, D]
+        return y                                                                 # [B, T, H, D]
 
     def forward(self, x: torch.Tensor, rotation: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
                 keep: torch.Tensor, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
-        q = self._project(self.q_proj, self.q_norm, x, self.heads, rotation)
-        k = self._project(self.k_proj, self.k_norm, x, self.kv_heads, rotation)
-        v = self._project(self.v_proj, None, x, self.kv_heads)
+        Hkv, D = self.kv_heads, self.head_dim
+        G = self.heads // Hkv
+        q = self._project(self.q_proj, self.q_norm, x, self.heads, rotation).view(B, T, Hkv, G, D)
+        k = self._project(self.k_proj, self.k_norm, x, Hkv, rotation).transpose(1, 2)     # [B, Hkv, T, D]
+        v = self._project(self.v_proj, None, x, Hkv).transpose(1, 2)
         if slots is None:
             keys = torch.cat([past_k, k], dim=2)                                  # [B, Hkv, P+T, D]
             values = torch.cat([past_v, v], dim=2)
         else:                                                                     # static: [B, Hkv, R, D]
-            index = slots.view(1, 1, T, 1).expand(B, self.kv_heads, T, self.head_dim)
+            index = slots.view(1, 1, T, 1).expand(B, Hkv, T, D)
             keys = past_k.scatter(2, index, k)
             values = past_v.scatter(2, index, v)
-        G = self.heads // self.kv_heads
-        qg = q.view(B, self.kv_heads, G, T, self.head_dim)                        # [B, Hkv, G, T, D]
-        seen_k, seen_v = keys, values
-        if self.context is not None and self.context.exact_tokens:                # exact tokens first, always seen
-            seen_k = torch.cat([self.context.exact_keys.expand(B, -1, -1, -1), keys], dim=2)
-            seen_v = torch.cat([self.context.exact_values.expand(B, -1, -1, -1), values], dim=2)
-        S = seen_k.shape[2]
-        # a group's G query heads are rows of one product with its KV head: [B, Hkv, G*T, D] @ [B, Hkv, D, S].
-        # Both operands then have the same batch dims, which ONNX Runtime's CUDA MatMul runs as one strided
-        # batched GEMM; broadcasting the KV over G instead makes it build per-matrix pointer arrays on the
-        # host and copy them to the device at every run (no place for that in a captured CUDA graph).
-        scores = (q.reshape(B, self.kv_heads, G * T, self.head_dim) @ seen_k.transpose(-1, -2)) * self.scaling
-        scores = scores.view(B, self.kv_heads, G, T, S).masked_fill(~keep.unsqueeze(2), MASKED)
+        S = keys.shape[2]
+        # [B, T, Hkv, G, D] @ [B, 1, Hkv, D, S]: see the module docstring for the layout
+        scores = (q @ keys.unsqueeze(1).transpose(-1, -2)) * self.scaling
+        scores = scores.masked_fill(~keep, MASKED)                                # keep [B or 1, T, 1, 1, S]
         if self.context is None:
             probs = torch.softmax(scores, dim=-1)
         else:                                                                      # the pair: one more key
-            pair_lse, pair_out = self.context(qg, self.scaling)
+            pair_lse, pair_out = self.context(q, self.scaling)
             pair_share, probs = torch.softmax(torch.cat([pair_lse, scores], dim=-1), dim=-1).split([1, S], -1)
-        out = (probs.reshape(B, self.kv_heads, G * T, S) @ seen_v).view(B, self.kv_heads, G, T, self.head_dim)
+        out = probs @ values.unsqueeze(1)                                          # [B, T, Hkv, G, D]
         if self.context is not None:
             out = pair_share * pair_out + out
-        out = out.reshape(B, self.heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(out), keys, values
+        return self.o_proj(out.reshape(B, T, -1)), keys, values
 
 
 class Layer(nn.Module):
@@ -254,10 +288,6 @@ class StepModule(nn.Module):
         rotary = body.rotary_emb
         self.rotary = Rotary(rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)))
         self.all_logits, self.static = all_logits, static
-        sizes = {c.exact_tokens for c in contexts if c is not None}
-        if len(sizes) > 1:
-            raise ValueError(f"every layer must keep the same number of exact tokens, got {sorted(sizes)}")
-        self.exact_tokens = sizes.pop() if sizes else 0
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask_or_slots: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -266,12 +296,9 @@ class StepModule(nn.Module):
         rotation = self.rotary(position_ids).to(h.dtype)                           # [B, T, D, D]
         if self.static:
             slots = mask_or_slots
-            keep = slot_keep(slots, past[0].shape[2])                             # [1, 1, T, R]
+            keep = slot_keep(slots, past[0].shape[2])                             # [1, T, 1, 1, R]
         else:
-            slots, keep = None, causal_keep(mask_or_slots, T)                     # [B, 1, T, P+T]
-        if self.exact_tokens:                                                     # the exact tokens: always seen
-            seen = torch.ones_like(keep[..., :1]).expand(*keep.shape[:-1], self.exact_tokens)
-            keep = torch.cat([seen, keep], dim=-1)
+            slots, keep = None, causal_keep(mask_or_slots, T)                     # [B, T, 1, 1, P+T]
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             h, keys, values = layer(h, rotation, past[2 * i], past[2 * i + 1], keep, slots)
@@ -286,25 +313,23 @@ class StepModule(nn.Module):
 
 
 def causal_keep(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
-    """[B, 1, T, S] keep-mask: new token i sees key j <= P + i where the attention mask is 1."""
+    """[B, T, 1, 1, S] keep-mask: new token i sees key j <= P + i where the attention mask is 1."""
     S = attention_mask.shape[1]
     i = torch.arange(T, device=attention_mask.device).unsqueeze(1)
     j = torch.arange(S, device=attention_mask.device).unsqueeze(0)
-    causal = j <= i + (S - T)                                                     # [T, S]
-    return causal.unsqueeze(0).unsqueeze(0) & (attention_mask > 0).unsqueeze(1).unsqueeze(2)
+    causal = (j <= i + (S - T)).view(1, T, 1, 1, S)
+    return causal & (attention_mask > 0).view(-1, 1, 1, 1, S)
 
 
 def slot_keep(slots: torch.Tensor, R: int) -> torch.Tensor:
-    """[1, 1, T, R] keep-mask of a static cache: new token t sees slot s <= slots[t]."""
+    """[1, T, 1, 1, R] keep-mask of a static cache: new token t sees slot s <= slots[t]."""
     s = torch.arange(R, device=slots.device).unsqueeze(0)
-    return (s <= slots.unsqueeze(1)).unsqueeze(0).unsqueeze(0)
+    return (s <= slots.unsqueeze(1)).view(1, -1, 1, 1, R)
 
 
-def nectar_contexts(pairs: Sequence[Pair], exact_keys: Sequence[torch.Tensor],
-                    exact_values: Sequence[torch.Tensor]) -> list[NectarHeads]:
-    """Per-layer NectarHeads from fitted pairs and the exact tokens' keys/values [Hkv, E, D]; a pair that
-    offers `joint_weights()` (an MLP pair) runs as a JointPair."""
+def nectar_contexts(pairs: Sequence[Pair]) -> list[NectarHeads]:
+    """Per-layer NectarHeads from fitted pairs; a pair that offers `joint_weights()` (an MLP pair) runs as a
+    JointPair."""
     def graph_pair(pair: Pair) -> nn.Module:
         return JointPair(*pair.joint_weights()) if hasattr(pair, "joint_weights") else pair
-    return [NectarHeads(graph_pair(p), k, v) for p, k, v in zip(pairs, exact_keys, exact_values)]
-
+    return [NectarHeads(graph_pair(p)) for p in pairs]

@@ -143,8 +143,9 @@ def default_profile(inputs: list[dict], batch: int = 1, *, max_new_tokens: int, 
     window: P + T <= max_new_tokens. So T in [1, max_new_tokens], P in [0, max_new_tokens - 1] and the
     mask length P + T in [1, max_new_tokens]. Opt shapes satisfy total = past + sequence: a prompt of
     `prompt_tokens` after min(max_new_tokens // 2, max_new_tokens - prompt_tokens) earlier tokens.
-    Full-attention bundles hold the context's n tokens in the past too: pass context_tokens=n and
-    past and total shift by n. Integer dimensions are kept as they are (min = opt = max).
+    A bundle's past starts with its context tokens (the whole context of a full bundle, the exact tokens of
+    a Nectar one): pass context_tokens and past and total shift by it. Integer dimensions are kept as they
+    are (min = opt = max).
     """
     if batch < 1 or max_new_tokens < 1 or context_tokens < 0:
         raise ValueError(f"need batch >= 1, max_new_tokens >= 1, context_tokens >= 0; got {batch}, "

@@ -21,7 +21,7 @@ def build_tensorrt(path: Path, profile_text: str | None = None) -> dict[str, Any
             limits.update(parse_profile(profile_text))
         except ValueError as exc:
             raise NectarError(f"--profile: {exc}") from None
-    context = bundle["n"] if bundle.kind == "full" else 0      # full bundles hold the context's KV in the past
+    context = bundle.context_tokens        # the past starts with the context's (or the exact tokens') KV
     try:
         profile = default_profile(bundle["inputs"], batch=limits["batch"], max_new_tokens=limits["past"],
                                   prompt_tokens=min(limits["sequence"], limits["past"]), context_tokens=context)

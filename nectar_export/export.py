@@ -89,7 +89,7 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
     else:                                    # only the exact tokens' KV leaves the device
         cache = context_cache(model, heldout["context_ids"], device, exact=artifact.exact_tokens)
         pairs = artifact.heads[config.variant]
-        step = StepModule(model, nectar_contexts(pairs, cache.keys, cache.values), config.all_logits, static)
+        step = StepModule(model, nectar_contexts(pairs), config.all_logits, static)
     passes = [fold_constants, fuse_sibling_matmuls, convert_precision(config.precision), cleanup]
     stage = Stages(["torch.onnx.export", *[p.__name__ for p in passes], "lint", "write"])
     stage("torch.onnx.export")
@@ -100,17 +100,20 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
         reports.append(graph_pass(graph))
     inputs, outputs = io_spec(graph)
     kv_dtype = inputs[3]["dtype"]
-    context_kv = _context_kv(cache, kv_dtype) if config.baseline else None
+    # the past a sequence starts from: the whole context's KV (baseline) or the exact tokens' (Nectar)
+    context_tokens = int(cache.keys[0].shape[1]) if cache.keys else 0
+    context_kv = _context_kv(cache, kv_dtype) if context_tokens else None
     stage("lint")
     import onnx_ir as ir
 
     report = lint(ir.to_proto(graph))
     stage("write")
-    params = nectar_params(step, pairs)
+    params = nectar_params(step, pairs, None if config.baseline else cache)
     bundle = {
         "kind": "full" if config.baseline else "nectar", "precision": config.precision, "kv_dtype": kv_dtype,
         "cache_layout": config.cache,
         "n": artifact.n, "first_position": artifact.n, "max_new_tokens": manifest["positions"]["max_new_tokens"],
+        "context_tokens": context_tokens,
         "logits": "all" if config.all_logits else "last",
         "layers": manifest["model"]["layers"], "kv_heads": manifest["model"]["kv_heads"],
         "head_dim": manifest["model"]["head_dim"], "vocab_size": int(model.config.vocab_size),
@@ -158,19 +161,21 @@ def context_cache(model: Any, ids: list[int], device: torch.device, exact: tuple
         torch.cuda.empty_cache()
 
 
-def nectar_params(step: Any, pairs: Any = None) -> dict[str, int]:
-    """Numbers the document leaves in the graph: every fitted pair's weights and buffers plus the exact tokens'
-    KV ("fitted"), and the constants that hold them in the graph ("in_graph": a joint MLP pair's block-diagonal
-    layers add zeros)."""
+def nectar_params(step: Any, pairs: Any = None, exact: Any = None) -> dict[str, int]:
+    """Numbers the document leaves in a Nectar bundle: every fitted pair's weights and buffers plus the exact
+    tokens' KV (`exact`, a ContextCache; it ships beside the graph as the start of the past) ("fitted"), and
+    the constants that hold the pairs in the graph ("in_graph": a joint MLP pair's block-diagonal layers and
+    carried columns add zeros and identities)."""
     contexts = [layer.self_attn.context for layer in step.layers if layer.self_attn.context is not None]
     in_graph = sum(t.numel() for c in contexts for t in [*c.parameters(), *c.buffers()])
-    exact = sum(c.exact_keys.numel() + c.exact_values.numel() for c in contexts)
+    kv = sum(k.numel() + v.numel() for k, v in zip(exact.keys, exact.values)) if exact is not None else 0
     fitted = sum(t.numel() for p in (pairs or []) for t in [*p.parameters(), *p.buffers()])
-    return {"fitted": fitted + exact, "in_graph": in_graph}
+    return {"fitted": fitted + kv, "in_graph": in_graph}
 
 
 def _context_kv(cache: Any, dtype: str) -> dict[str, Any]:
-    """The context's keys and values as [1, Hkv, n, D] arrays named after the past inputs."""
+    """The context's (or the exact tokens') keys and values as [1, Hkv, tokens, D] arrays named after the past
+    inputs."""
     from nectar_runtime.backends.ort import kv_numpy_dtype
 
     np_dtype = kv_numpy_dtype(dtype)

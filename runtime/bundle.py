@@ -5,7 +5,8 @@ A bundle is a directory:
     bundle.json        manifest (schema below)
     model.onnx         the step graph (+ model.onnx.data when weights pass 2 GB)
     tokenizer.json     the base model's tokenizer (Hugging Face `tokenizers` format)
-    context.safetensors   full-attention bundles only: the context's KV, the past of the first step
+    context.safetensors   the KV a sequence's past starts with (context_tokens of them): the whole context
+                       (full bundles) or the exact tokens (Nectar bundles); absent when there are none
     model.plan         optional TensorRT engine (`nectar-export build`)
 
 bundle.json (format "nectar-bundle/1"):
@@ -13,6 +14,8 @@ bundle.json (format "nectar-bundle/1"):
     kind            "nectar" (document baked into Nectar heads) or "full" (context KV as past input)
     precision       "fp32" | "fp16" | "bf16"; kv_dtype: numpy-style name of the KV I/O type
     n               context tokens; first_position: position of the first new token (= n)
+    context_tokens  tokens in context.safetensors (n for full bundles, the exact tokens for Nectar ones);
+                    optional: absent means n for full bundles and 0 for Nectar ones (older bundles)
     max_new_tokens  new-token window: positions first_position .. first_position + max_new_tokens - 1
     logits          "last" (logits of the last new token) or "all"
     layers, kv_heads, head_dim, vocab_size
@@ -84,6 +87,12 @@ class Bundle:
         return self.manifest["kind"]
 
     @property
+    def context_tokens(self) -> int:
+        """Tokens whose KV the past starts with (context.safetensors): the first slots of a static buffer."""
+        default = self.manifest["n"] if self.kind == "full" else 0
+        return int(self.manifest.get("context_tokens", default))
+
+    @property
     def static(self) -> bool:
         """Static KV layout: fixed buffers of kv_capacity slots, new tokens written at `cache_position`."""
         return self.manifest.get("cache_layout", "dynamic") == "static"
@@ -139,7 +148,8 @@ def load_bundle(path: str | Path, check_hashes: bool = False) -> Bundle:
                               "it is damaged or was replaced; re-export the bundle")
         if check_hashes and sha256_file(target) != entry["sha256"]:
             raise BundleError(f"bundle file {target} does not match its sha256 in bundle.json; re-export the bundle")
-    for needed in (ONNX_FILE, TOKENIZER_FILE) + ((CONTEXT_FILE,) if manifest["kind"] == "full" else ()):
+    bundle = Bundle(path=path, manifest=manifest)
+    for needed in (ONNX_FILE, TOKENIZER_FILE) + ((CONTEXT_FILE,) if bundle.context_tokens else ()):
         if needed not in manifest["files"]:
             raise BundleError(f"{file} does not list {needed}; re-export the bundle")
-    return Bundle(path=path, manifest=manifest)
+    return bundle

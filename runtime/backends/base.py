@@ -3,7 +3,8 @@
 A backend owns the step graph's session and the KV state of one running sequence:
 
 - `infer(feeds)`: one plain call of the graph with host arrays in and out (verification, tests);
-- `reset(batch)`: start a sequence; the past is empty (Nectar bundles) or the context's KV (full bundles);
+- `reset(batch)`: start a sequence; the past is the bundle's context KV (the whole context in full bundles,
+  the exact tokens in Nectar ones; empty when there are none);
 - `step(input_ids)`: run new tokens [B, T] at the next positions, keep their keys and values inside the
   backend (host arrays on CPU, device buffers on GPUs) and return the last token's logits [B, V] fp32.
 
@@ -20,8 +21,8 @@ from nectar_runtime.bundle import Bundle
 
 
 def kv_capacity(bundle: Bundle) -> int:
-    """Tokens a past buffer must hold: the new-token window, plus the context for full bundles."""
-    return bundle["max_new_tokens"] + (bundle["n"] if bundle.kind == "full" else 0)
+    """Tokens a past buffer must hold: the bundle's context tokens and the new-token window."""
+    return bundle.context_tokens + bundle["max_new_tokens"]
 
 
 def _ids_and_positions(input_ids: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,8 +47,8 @@ def static_inputs(input_ids: np.ndarray, position: int, slot: int) -> tuple[np.n
 
 
 def first_slot(bundle: Bundle) -> int:
-    """The static buffer slot of the first new token: after the context in full bundles, 0 in Nectar ones."""
-    return bundle["n"] if bundle.kind == "full" else 0
+    """The static buffer slot of the first new token: right after the bundle's context tokens."""
+    return bundle.context_tokens
 
 
 class BackendError(Exception):

@@ -22,7 +22,7 @@ def kv_numpy_dtype(name: str) -> Any:
 
 
 def load_context_kv(bundle: Bundle, dtype: Any) -> list[np.ndarray]:
-    """The context's keys and values [1, Hkv, n, D] per layer, in past-input order (full bundles)."""
+    """The bundle's context keys and values [1, Hkv, context_tokens, D] per layer, in past-input order."""
     from safetensors.numpy import load_file
 
     tensors = load_file(str(bundle.path / CONTEXT_FILE))
@@ -40,7 +40,7 @@ class OrtCpuBackend(Backend):
         self.threads, self.optimize, self.profile = threads, optimize, profile
         self.session: Any = None
         self.past: list[np.ndarray] = []
-        self.length = 0        # tokens in the past: context (full bundles) plus new tokens so far
+        self.length = 0        # tokens in the past: the bundle's context tokens plus new tokens so far
         self.new_tokens = 0
 
     def activate(self) -> None:
@@ -57,7 +57,7 @@ class OrtCpuBackend(Backend):
             raise BackendError(f"ONNX Runtime cannot load {self.bundle.onnx_path}: "
                                f"{str(exc).splitlines()[0][:300]}") from None
         self.kv_dtype = kv_numpy_dtype(self.bundle["kv_dtype"])
-        self.context = load_context_kv(self.bundle, self.kv_dtype) if self.bundle.kind == "full" else None
+        self.context = load_context_kv(self.bundle, self.kv_dtype) if self.bundle.context_tokens else None
         self.active = True
 
     def end_profiling(self) -> str:
@@ -73,11 +73,11 @@ class OrtCpuBackend(Backend):
 
     def reset(self, batch: int = 1) -> None:
         b = self.bundle
-        if b.static:                     # fixed buffers; the context (full bundles) fills the first n slots
+        if b.static:                     # fixed buffers; the context KV fills the first slots
             shape = (batch, b["kv_heads"], kv_capacity(b), b["head_dim"])
             self.buffers = [np.zeros(shape, self.kv_dtype) for _ in range(2 * b["layers"])]
             for buffer, kv in zip(self.buffers, self.context or []):
-                buffer[:, :, :b["n"]] = kv
+                buffer[:, :, :b.context_tokens] = kv
         if self.context is not None:
             self.past = [np.repeat(kv, batch, axis=0) if batch > 1 else kv for kv in self.context]
         else:

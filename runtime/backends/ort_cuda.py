@@ -6,13 +6,14 @@ onnxruntime Python API of 1.2x/1.3x (`InferenceSession.io_binding`, `IOBinding.b
 with raw device pointers, `OrtValue.ortvalue_from_shape_and_type`) and is meant for `onnxruntime-gpu`.
 
 Buffers (allocated once per `reset` whose batch differs from the last):
-    per past tensor, two device buffers [B, Hkv, capacity, D], capacity = max_new_tokens (+ n for full bundles);
-    full bundles: the context's KV [B, Hkv, n, D] uploaded to the device once (per batch size).
+    per past tensor, two device buffers [B, Hkv, capacity, D], capacity = context_tokens + max_new_tokens;
+    the bundle's context KV [B, Hkv, context_tokens, D] (the whole context in full bundles, the exact tokens
+    in Nectar ones) uploaded to the device once (per batch size).
 A step binds the past as a view [B, Hkv, P, D] at the start of buffer `cur` and the present
 [B, Hkv, P + T, D] at the start of buffer `1 - cur`; then the two swap. Only the logits come back to the host.
 
 Static-cache bundles (`export --cache static`) instead get one buffer per past tensor [B, Hkv, capacity, D]
-(full bundles: the context in its first n slots, uploaded once), bound as both the past input and the
+(the context KV in its first slots, uploaded once), bound as both the past input and the
 present output: the graph's ScatterElements writes the new tokens' slots in place and skips its copy
 (input and output share memory). Every one-token step then has the same shapes and addresses: its inputs
 live in small device tensors updated in place, the logits land in a device tensor, and with
@@ -79,11 +80,11 @@ class OrtCudaBackend(Backend):
         self._ort: Any = None
         self._binding: Any = None
         self._kv: dict[str, list[Any]] = {}        # past name -> [buffer 0, buffer 1] device OrtValues
-        self._context: dict[str, Any] = {}         # past name -> device OrtValue [B, Hkv, n, D] (full bundles)
+        self._context: dict[str, Any] = {}         # past name -> device OrtValue [B, Hkv, C, D] (dynamic layout)
         self._batch = 0
         self._cur = 0                              # which buffer of each pair holds the past
         self._on_context = False                   # the next step reads the past from the context values
-        self._past = 0                             # P: cached tokens (context included for full bundles)
+        self._past = 0                             # P: cached tokens (the bundle's context tokens included)
         self._new = 0
 
     # -- resources -------------------------------------------------------------------------------
@@ -136,29 +137,29 @@ class OrtCudaBackend(Backend):
         return self._ort.OrtValue.ortvalue_from_shape_and_type(shape, element, self.device, self.device_id)
 
     def _allocate(self, batch: int) -> None:
-        """Two device buffers per past tensor, each [B, Hkv, capacity, D]; the context KV for full bundles."""
+        """Two device buffers per past tensor, each [B, Hkv, capacity, D], and the context KV."""
         b = self.bundle
-        if b.kind == "full" and b["kv_dtype"] == "bfloat16":
-            raise BackendError("ort-cuda does not upload a bfloat16 context KV; export the full-attention bundle "
+        if b.context_tokens and b["kv_dtype"] == "bfloat16":
+            raise BackendError("ort-cuda does not upload a bfloat16 context KV; export the bundle "
                                "with --precision fp16 or fp32")
         shape = [batch, b["kv_heads"], kv_capacity(b), b["head_dim"]]
         if b.static:
             self._allocate_static(batch, shape)
             return
         self._kv = {name: [self._device_value(shape), self._device_value(shape)] for name in b.past_names()}
-        self._context = self._upload_context(batch) if b.kind == "full" else {}
+        self._context = self._upload_context(batch) if b.context_tokens else {}
         self._batch = batch
 
     def _allocate_static(self, batch: int, shape: list[int]) -> None:
-        """One buffer per past tensor (context in its first n slots) and the fixed one-token step binding."""
+        """One buffer per past tensor (the context KV in its first slots) and the fixed one-token step binding."""
         b, ort = self.bundle, self._ort
         # zeros, not garbage: a masked slot's value still meets its 0 weight, and 0 * NaN is NaN
-        context = load_context_kv(b, self.kv_dtype) if b.kind == "full" else [None] * len(b.past_names())
+        context = load_context_kv(b, self.kv_dtype) if b.context_tokens else [None] * len(b.past_names())
         self._kv, self._host = {}, []
         for name, kv in zip(b.past_names(), context):
             host = np.zeros(shape, self.kv_dtype)            # one array per buffer: on "cpu" ORT wraps it, no copy
             if kv is not None:
-                host[:, :, :b["n"]] = kv
+                host[:, :, :b.context_tokens] = kv
             self._kv[name] = [ort.OrtValue.ortvalue_from_numpy(host, self.device, self.device_id)]
             if self.device == "cpu":
                 self._host.append(host)                      # keep what the OrtValue points into alive
@@ -201,7 +202,7 @@ class OrtCudaBackend(Backend):
         return io.get_outputs()[0].numpy()
 
     def _upload_context(self, batch: int) -> dict[str, Any]:
-        """The context's KV copied to the device once: past name -> OrtValue [B, Hkv, n, D]."""
+        """The context KV copied to the device once: past name -> OrtValue [B, Hkv, context_tokens, D]."""
         host = load_context_kv(self.bundle, self.kv_dtype)                      # [1, Hkv, n, D] each
         ort = self._ort
         return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.repeat(kv, batch, axis=0)),
@@ -211,14 +212,14 @@ class OrtCudaBackend(Backend):
     # -- sequences -------------------------------------------------------------------------------
 
     def reset(self, batch: int = 1) -> None:
-        """Start a sequence: empty past (Nectar bundles) or the uploaded context KV (full bundles)."""
+        """Start a sequence: the past is the uploaded context KV (empty when the bundle has none)."""
         if not self.active:
             raise BackendError("the ort-cuda backend is not active; use it as a context manager")
         if batch != self._batch:
             self._allocate(batch)
-        full = self.bundle.kind == "full"
+        context = self.bundle.context_tokens
         self._cur, self._new = 0, 0
-        self._on_context, self._past = full, (self.bundle["n"] if full else 0)
+        self._on_context, self._past = context > 0, context
 
     def _past_ptr(self, name: str) -> int:
         source = self._context[name] if self._on_context else self._kv[name][self._cur]

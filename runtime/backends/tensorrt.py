@@ -166,7 +166,7 @@ class TensorRTBackend(Backend):
         return int(self._engine.get_tensor_profile_shape(IDS, 0)[2][0])
 
     def reset(self, batch: int = 1) -> None:
-        """Start a sequence: empty past (Nectar bundles) or the context's KV as the past (full bundles)."""
+        """Start a sequence: the past is the bundle's context KV (empty when it has none)."""
         if not self.active:
             raise BackendError("the TensorRT backend is not active; use it as a context manager")
         if not 1 <= batch <= self._max_batch():
@@ -175,7 +175,7 @@ class TensorRTBackend(Backend):
         if batch != self._batch:
             self._allocate(batch)
         self._cur, self._new, self._past = 0, 0, 0
-        if self.bundle.kind == "full":
+        if self.bundle.context_tokens:
             self._load_context(batch)
 
     def _load_context(self, batch: int) -> None:
@@ -186,16 +186,16 @@ class TensorRTBackend(Backend):
             kv_dtype = np.dtype(self.bundle["kv_dtype"])
         except TypeError:
             raise BackendError(f"kv_dtype {self.bundle['kv_dtype']!r} has no numpy type, so {CONTEXT_FILE} cannot be "
-                               "uploaded; export the full-attention bundle with fp16 or fp32 KV") from None
+                               "uploaded; export the bundle with fp16 or fp32 KV") from None
         tensors = load_file(str(self.bundle.path / CONTEXT_FILE))
         for name, (ptr, _) in self._kv.items():
             if name not in tensors:
                 raise BackendError(f"{CONTEXT_FILE} lacks {name}; re-export the bundle")
-            kv = tensors[name]                                                   # [1 or B, Hkv, n, D]
+            kv = tensors[name]                                                   # [1 or B, Hkv, C, D]
             host = np.ascontiguousarray(np.broadcast_to(kv, (batch, *kv.shape[1:])), dtype=kv_dtype)
             self._h2d(ptr, host)
         self._sync()
-        self._past = self.bundle["n"]
+        self._past = self.bundle.context_tokens
 
     def step(self, input_ids: np.ndarray) -> np.ndarray:
         """Run T new tokens [B, T] at the next positions; keep their KV on the device; return logits [B, V] fp32."""

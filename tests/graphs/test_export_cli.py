@@ -32,11 +32,21 @@ def test_nectar_bundle_is_self_describing_and_holds_only_the_heads(nectar_bundle
     manifest = json.loads((nectar_bundle / "bundle.json").read_text())
     art = json.loads((artifact / "nectar.json").read_text())
     assert manifest["kind"] == "nectar" and manifest["n"] == art["context"]["n"] == manifest["first_position"]
-    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json"}
+    # the exact tokens' KV ships beside the graph as the start of the past, not as constants in it
+    exact = min(art["context"]["sinks"] + art["context"]["window"], art["context"]["n"])
+    assert exact > 0 and manifest["context_tokens"] == exact
+    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json", "context.safetensors"}
+    from safetensors.numpy import load_file
+
+    kv = load_file(str(nectar_bundle / "context.safetensors"))
+    assert set(kv) == {f"past_key_values.{i}.{t}" for i in range(manifest["layers"]) for t in ("key", "value")}
+    assert {v.shape for v in kv.values()} == {(1, manifest["kv_heads"], exact, manifest["head_dim"])}
     graph = manifest["graph"]
     assert graph["nectar_params"] == art["fit"]["nectar_params"]
-    # an MLP pair runs as one network whose block-diagonal layers hold zeros besides the fitted numbers
-    assert graph["nectar_graph_numbers"] > graph["nectar_params"]
+    # an MLP pair runs as one network whose block-diagonal layers hold zeros besides the fitted numbers;
+    # nectar_params counts the exact tokens' KV too (outside the graph)
+    kv_numbers = sum(v.size for v in kv.values())
+    assert graph["nectar_graph_numbers"] > graph["nectar_params"] - kv_numbers
     # the file's weights are the base model's plus the Nectar heads: a few small constants more, and a little
     # less where the cleanup stores identical tensors once (the untrained all-ones norm weights of this model)
     expected = 4 * (graph["base_params"] + graph["nectar_graph_numbers"])

@@ -47,7 +47,7 @@ def static(request, tmp_path_factory):
     pairs, keys, values = _heads(model)
     folder = tmp_path_factory.mktemp(f"static-{arch}")
     graphs = {}
-    for kind, contexts in (("nectar", nectar_contexts(pairs, keys, values)), ("full", None)):
+    for kind, contexts in (("nectar", nectar_contexts(pairs)), ("full", None)):
         graph = export_step(StepModule(model, contexts, static=True).eval())
         run_pipeline(graph, [fold_constants, fuse_sibling_matmuls, convert_precision("fp32"), cleanup])
         graphs[kind] = (_session(graph, folder / f"{kind}.onnx"), graph)
@@ -62,12 +62,14 @@ def test_static_nectar_graph_matches_torch_nectar_model(static):
     contexts = [HeadsContext(p, ExactContext(k, v)) for p, k, v in zip(pairs, keys, values)]
     with nectar_mode(model, contexts):
         ref, tokens = _run_torch(model, prompt, N, DynamicCache(config=model.config))
-    cfg, dim = model.config, keys[0].shape[-1]
-    slots = PROMPT + STEPS + SPARE
+    cfg, dim, exact = model.config, keys[0].shape[-1], keys[0].shape[1]
+    slots = exact + PROMPT + STEPS + SPARE
     rng = np.random.default_rng(0)          # junk in unfilled slots must not leak through the mask
     buffers = [rng.standard_normal((1, cfg.num_key_value_heads, slots, dim)).astype(np.float32)
                for _ in range(2 * cfg.num_hidden_layers)]
-    got = _run_static(graphs["nectar"][0], prompt, tokens, N, buffers, 0)
+    for buffer, kv in zip(buffers, [t for k, v in zip(keys, values) for t in (k, v)]):
+        buffer[0, :, :exact] = kv.numpy()   # the exact tokens hold the first slots, as a runtime loads them
+    got = _run_static(graphs["nectar"][0], prompt, tokens, N, buffers, exact)
     gaps = [float(np.abs(a - b).max()) for a, b in zip(got, ref)]
     assert len(gaps) == STEPS + 1
     assert max(gaps) < TOL, f"{arch}: logit gaps per step {gaps}"

@@ -13,16 +13,17 @@ import pytest
 from onnx import TensorProto, helper
 from safetensors.numpy import save_file
 
-from nectar_runtime.backends.base import BackendError
+from nectar_runtime.backends.base import BackendError, first_slot
 from nectar_runtime.backends.tensorrt import TensorRTBackend, kv_capacity, step_inputs
-from nectar_runtime.bundle import FORMAT, file_entry, load_bundle
+from nectar_runtime.bundle import FORMAT, BundleError, file_entry, load_bundle
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 LAYERS, KV_HEADS, HEAD_DIM, N, WINDOW = 2, 2, 4, 12, 16
 
 
-def _write_bundle(path, kind="nectar", engine=False):
-    """A small but complete bundle directory: real ONNX file, tokenizer file, manifest (and context KV, plan)."""
+def _write_bundle(path, kind="nectar", engine=False, context_tokens=None):
+    """A small but complete bundle directory: real ONNX file, tokenizer file, manifest (and context KV, plan).
+    context_tokens: the manifest's key (absent when None: N for a full bundle, 0 for a Nectar one)."""
     path.mkdir()
     x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
     y = helper.make_tensor_value_info("logits", TensorProto.INT64, ["batch", "sequence"])
@@ -32,8 +33,9 @@ def _write_bundle(path, kind="nectar", engine=False):
     files = ["model.onnx", "tokenizer.json"]
     past = {"key": "past_key_values.{layer}.key", "value": "past_key_values.{layer}.value",
             "present_key": "present.{layer}.key", "present_value": "present.{layer}.value"}
-    if kind == "full":
-        kv = np.zeros((1, KV_HEADS, N, HEAD_DIM), np.float16)
+    context = (N if kind == "full" else 0) if context_tokens is None else context_tokens
+    if context:
+        kv = np.zeros((1, KV_HEADS, context, HEAD_DIM), np.float16)
         save_file({past[k].format(layer=i): kv for i in range(LAYERS) for k in ("key", "value")},
                   str(path / "context.safetensors"))
         files.append("context.safetensors")
@@ -43,6 +45,8 @@ def _write_bundle(path, kind="nectar", engine=False):
                 "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}],
                 "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 1, 32]}],
                 "past": past, "template": {"question": "{question}"}, "stop_token_ids": [0], "pad_token_id": 0}
+    if context_tokens is not None:
+        manifest["context_tokens"] = context_tokens
     if engine:
         (path / "model.plan").write_bytes(b"not a real engine")
         files.append("model.plan")
@@ -84,9 +88,22 @@ def test_calls_before_activate_are_refused(tmp_path):
         backend.infer({"input_ids": np.zeros((1, 1), np.int64)})
 
 
-def test_kv_capacity_covers_the_context_only_for_full_bundles(tmp_path):
+def test_kv_capacity_covers_the_context_tokens(tmp_path):
+    """The past starts with the bundle's context tokens: all n of a full bundle, a Nectar bundle's exact tokens
+    (none in bundles written before context_tokens existed)."""
     assert kv_capacity(_write_bundle(tmp_path / "nectar")) == WINDOW
     assert kv_capacity(_write_bundle(tmp_path / "full", kind="full")) == N + WINDOW
+    exact = _write_bundle(tmp_path / "exact", context_tokens=3)
+    assert kv_capacity(exact) == 3 + WINDOW and first_slot(exact) == 3
+
+
+def test_a_bundle_with_context_tokens_needs_its_context_file(tmp_path):
+    bundle = _write_bundle(tmp_path / "exact", context_tokens=3)
+    manifest = json.loads((bundle.path / "bundle.json").read_text())
+    del manifest["files"]["context.safetensors"]
+    (bundle.path / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="does not list context.safetensors"):
+        load_bundle(bundle.path)
 
 
 def test_step_inputs_positions_and_mask():
