@@ -5,8 +5,8 @@ batch 1: a warm-up pass (prefill + `--warmup` tokens), then a measured pass: pre
 question (64 by default) and `--tokens` (>= 64 for the acceptance run) forced one-token steps. Tokens are
 fed regardless of the logits (no stop tokens), so every bundle decodes exactly the same number of steps.
 Reported per bundle: median ms per decode step, prefill ms, peak RSS (ru_maxrss of the child), bundle bytes
-(every file bundle.json lists) and the KV bytes held at the end of the measured pass (full bundles: the
-context's n tokens plus the new ones; Nectar bundles: the new tokens only).
+(every file bundle.json lists) and the KV bytes held at the end of the measured pass (the bundle's context
+tokens plus the new ones: the context's n tokens for full bundles, the exact tokens for Nectar ones).
 
 Bundles come from `--bundles DIR...` (each bundle.json says its kind and n) and/or `--make`, which fits and
 exports what is missing under `--work` for every n of `--ns`. Latency depends only on the graph's shapes,

@@ -43,7 +43,8 @@ def _check(path: Path) -> None:
 
 def write_bundle(out: Path, model: ir.Model, tokenizer_json: str, manifest: dict[str, Any],
                  context_kv: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """Save graph, tokenizer and (for full bundles) the context KV into a temp folder, check, then rename."""
+    """Save graph, tokenizer and the context KV (the whole context or the exact tokens) into a temp folder, check,
+    then rename."""
     out = Path(out).expanduser()
     check_bundle_output(out)
     with staged_folder(out) as tmp:

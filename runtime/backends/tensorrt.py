@@ -69,7 +69,7 @@ class TensorRTBackend(Backend):
         self._kv: dict[str, list[int]] = {}         # past name -> [buffer 0, buffer 1]
         self._batch = 0                             # batch the buffers are sized for
         self._cur = 0                               # which buffer of each pair holds the past
-        self._past = 0                              # P: cached tokens (context included for full bundles)
+        self._past = 0                              # P: cached tokens (the bundle's context tokens included)
         self._new = 0                               # new tokens run so far
 
     # -- resources -------------------------------------------------------------------------------
