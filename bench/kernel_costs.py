@@ -5,7 +5,7 @@ runs is captured 28 times (once per layer) in a torch CUDA graph, the graph is r
 mean time per kernel is reported in microseconds:
 
 - tiny kernels: an Add and a SiLU on one layer's head activations [1, 1, Hkv, G, width], the copy that
-  transposes one token's new key to the cache layout, a softmax over the pair and 600 slots;
+  moves one token's new key to the cache layout (ORT launches a Transpose kernel for it), a softmax over the pair and 600 slots;
 - the fitted heads' batched products [1, 1, Hkv, G, K] @ [Hkv, K, N], for the three layers of the joint
   MLP pair as the step graph runs them (widths with the carried columns, "carried_l*") and without them
   ("plain_l*"), with the hidden width of the H200 run's heads (177 per KV head);
@@ -74,7 +74,7 @@ def measure() -> dict[str, float]:
     out["add_small"] = time_kernel(lambda: act.add_(1))
     out["silu_small"] = time_kernel(lambda: F.silu(act))
     new_key = rand(1, 1, KV_HEADS, HEAD_DIM)                              # one token's key [B, T, Hkv, D]
-    out["transpose_new_key"] = time_kernel(lambda: new_key.transpose(1, 2).contiguous())
+    out["copy_new_key"] = time_kernel(lambda: new_key.transpose(1, 2).clone())      # a copy kernel, as ORT runs it
     scores = rand(1, 1, KV_HEADS, GROUP, 1 + 600)
     out["softmax_601"] = time_kernel(lambda: torch.softmax(scores, dim=-1))
     out_width = 1 + HEAD_DIM
