@@ -151,14 +151,12 @@ def carried_weights(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: to
     dtype = w1.dtype
     w1, b1, w2, b2, w3, b3 = (t.double() for t in (w1, b1, w2, b2, w3, b3))
     heads, dim, hidden = w1.shape[0], w1.shape[1], w2.shape[1]
-    out = w3.shape[-1]
     eye = torch.eye(dim, dtype=torch.float64).expand(heads, dim, dim)
     zeros = w1.new_zeros
     c = float(F.silu(torch.tensor(CARRIER, dtype=torch.float64)))        # the constant after each activation
     carrier_in = torch.cat([zeros(heads, 1, 2 * dim), torch.full((heads, 1, 1), CARRIER / c, dtype=torch.float64)], -1)
     # layer 1: [hidden, q, -q, CARRIER]
-    n1 = w1[..., :hidden]
-    big_w1 = torch.cat([n1, eye, -eye, zeros(heads, dim, 1)], -1)
+    big_w1 = torch.cat([w1[..., :hidden], eye, -eye, zeros(heads, dim, 1)], -1)
     big_b1 = torch.cat([b1[..., :hidden], zeros(heads, 1, 2 * dim), torch.full((heads, 1, 1), CARRIER,
                                                                                 dtype=torch.float64)], -1)
     # layer 2: rows [silu hidden, silu q, silu -q, c] -> [hidden2, q, -q, CARRIER]
@@ -171,7 +169,6 @@ def carried_weights(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: to
     # layer 3: rows [silu hidden2, silu q, silu -q, c] -> w3 silu(hidden2) + b3 + q skip_w + skip_b
     skip_w, skip_b = w1[..., hidden:], b1[..., hidden:]
     big_w3 = torch.cat([w3, skip_w, -skip_w, (b3 + skip_b) / c], 1)
-    assert big_w3.shape[-1] == out
     return tuple(t.to(dtype) for t in (big_w1, big_b1, big_w2, big_w3))
 
 
