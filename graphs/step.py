@@ -136,7 +136,7 @@ class JointPair(nn.Module):
                  w3: torch.Tensor, b3: torch.Tensor):
         super().__init__()
         for name, t in zip(("w1", "b1", "w2", "w3"), carried_weights(w1, b1, w2, b2, w3, b3)):
-            self.register_buffer(name, t.detach().clone().contiguous())
+            self.register_buffer(name, t)                    # new tensors, built from the fitted ones
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         """q [..., Hkv, N, D] -> [..., Hkv, N, 1 + D] (any leading dims broadcast against the weights' Hkv)."""

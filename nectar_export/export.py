@@ -101,7 +101,7 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
     inputs, outputs = io_spec(graph)
     kv_dtype = inputs[3]["dtype"]
     # the past a sequence starts from: the whole context's KV (baseline) or the exact tokens' (Nectar)
-    context_tokens = int(cache.keys[0].shape[1]) if cache.keys else 0
+    context_tokens = cache.n
     context_kv = _context_kv(cache, kv_dtype) if context_tokens else None
     stage("lint")
     import onnx_ir as ir

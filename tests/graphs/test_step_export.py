@@ -1,8 +1,8 @@
 """The exported step graph of every architecture against torch, in ONNX Runtime (CPU, its optimizations off).
 
 Nectar graph: against the Hugging Face model with Nectar attention (random heads and exact tokens),
-over a prefill and ten decode steps; the exact tokens' KV is the graph's first past, as a bundle ships it. Baseline graph: against transformers' own attention with the
-context's KV in its cache.
+over a prefill and ten decode steps; the exact tokens' KV is the graph's first past, as a bundle ships it.
+Baseline graph: against transformers' own attention with the context's KV in its cache.
 """
 
 from __future__ import annotations
