@@ -115,6 +115,8 @@ def rms_norm(hf_norm: nn.Module | None) -> RMSNorm | None:
 
 # fp16-exact pre-activation of the constant column a JointPair carries through its layers: silu(16) rounds to 16
 CARRIER = 16.0
+# a JointPair's widths are padded to a multiple of this many columns (16 fp16 = 32 bytes)
+WIDTH_ALIGN = 16
 
 
 class JointPair(nn.Module):
@@ -130,7 +132,10 @@ class JointPair(nn.Module):
     - silu(x) - silu(-x) = x, so the next product gets q back exactly from silu(q) and silu(-q), and the
       constant silu(CARRIER) stands in for a bias row;
     - layer 2 passes q, -q and the constant on the same way; layer 3 applies the skip to them.
-    The carried columns make layers 2 and 3 larger (zeros and identities), a few percent of the weights."""
+    The carried columns make layers 2 and 3 larger (zeros and identities), a few percent of the weights.
+
+    Every width is padded with zero columns to a multiple of WIDTH_ALIGN, the output's too (its row is
+    [lse, out_1 .. out_D, zeros]): cuBLAS runs products of unaligned widths with slow `align1` kernels."""
 
     def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                  w3: torch.Tensor, b3: torch.Tensor):
@@ -139,7 +144,8 @@ class JointPair(nn.Module):
             self.register_buffer(name, t)                    # new tensors, built from the fitted ones
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        """q [..., Hkv, N, D] -> [..., Hkv, N, 1 + D] (any leading dims broadcast against the weights' Hkv)."""
+        """q [..., Hkv, N, D] -> [..., Hkv, N, W >= 1 + D], row [lse, out, zeros] (any leading dims broadcast
+        against the weights' Hkv)."""
         h = F.silu(q @ self.w1 + self.b1)
         return F.silu(h @ self.w2) @ self.w3
 
@@ -169,7 +175,16 @@ def carried_weights(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: to
     # layer 3: rows [silu hidden2, silu q, silu -q, c] -> w3 silu(hidden2) + b3 + q skip_w + skip_b
     skip_w, skip_b = w1[..., hidden:], b1[..., hidden:]
     big_w3 = torch.cat([w3, skip_w, -skip_w, (b3 + skip_b) / c], 1)
+    # zero padding: a padded column's pre-activation is 0, silu(0) = 0, and padded rows are 0
+    wide, out = _aligned(big_w1.shape[-1]), _aligned(big_w3.shape[-1])
+    big_w1, big_b1 = F.pad(big_w1, (0, wide - big_w1.shape[-1])), F.pad(big_b1, (0, wide - big_b1.shape[-1]))
+    big_w2 = F.pad(big_w2, (0, wide - big_w2.shape[-1], 0, wide - big_w2.shape[-2]))
+    big_w3 = F.pad(big_w3, (0, out - big_w3.shape[-1], 0, wide - big_w3.shape[-2]))
     return tuple(t.to(dtype) for t in (big_w1, big_b1, big_w2, big_w3))
+
+
+def _aligned(width: int) -> int:
+    return -(-width // WIDTH_ALIGN) * WIDTH_ALIGN
 
 
 class NectarHeads(nn.Module):
@@ -183,7 +198,9 @@ class NectarHeads(nn.Module):
         """q [B, T, Hkv, G, D] -> the pair's partial over the modeled context (lse [B, T, Hkv, G, 1], out [..., D])."""
         B, T, Hkv, G, D = q.shape
         if isinstance(self.pair, JointPair):               # per-KV-head weights broadcast over B and T
-            return self.pair(q).split([1, D], -1)
+            row = self.pair(q)                                                      # [..., lse, out, zeros]
+            pad = row.shape[-1] - 1 - D
+            return row.split([1, D, pad] if pad else [1, D], -1)[:2]
         flat = q.permute(2, 0, 1, 3, 4).reshape(Hkv, B * T * G, D)
         lse, out = self.pair(flat, scaling)                                        # [Hkv, N], [Hkv, N, D]
         return (lse.reshape(Hkv, B, T, G, 1).permute(1, 2, 0, 3, 4),

@@ -14,7 +14,7 @@ from conftest import tiny_model
 from nectar_export.heads import MLPPair
 from nectar_graphs.export import export_step
 from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, run_pipeline
-from nectar_graphs.step import JointPair, Rotary, StepModule, nectar_contexts
+from nectar_graphs.step import WIDTH_ALIGN, JointPair, Rotary, StepModule, nectar_contexts
 from test_step_export import _heads
 
 
@@ -30,9 +30,11 @@ def test_joint_pair_computes_the_pair():
     with torch.no_grad():
         lse, out = pair(q, 0.25)
         joint = JointPair(*pair.joint_weights())(q)
-    assert joint.shape == (3, 7, 17)
+    assert joint.shape == (3, 7, 32)                              # 1 + 16 columns, padded to WIDTH_ALIGN
     torch.testing.assert_close(joint[..., 0], lse, rtol=0, atol=1e-5)
-    torch.testing.assert_close(joint[..., 1:], out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(joint[..., 1:17], out, rtol=0, atol=1e-5)
+    assert not joint[..., 17:].any()
+    assert all(w.shape[-1] % WIDTH_ALIGN == 0 for w in JointPair(*pair.joint_weights()).buffers())
 
 
 def test_rotary_matrix_is_rotate_half_rotary():
