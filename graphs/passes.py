@@ -53,8 +53,21 @@ def fold_constants(model: ir.Model) -> PassReport:
 
     before = len(model.graph)
     onnxscript.optimizer.optimize_ir(model)
+    _drop_unused(model)
     after = len(model.graph)
     return PassReport("fold_constants", after != before, {"nodes_before": before, "nodes_after": after})
+
+
+def _drop_unused(model: ir.Model) -> None:
+    """Remove nodes and initializers nothing reads any more, so a weight a pass replaced (folded into a transposed
+    copy, fused with its siblings) is freed now rather than at `cleanup`: the replaced float32 weights of an 8B
+    model would otherwise stay in memory beside their replacements through `convert_precision`."""
+    import gc
+
+    from onnx_ir.passes import common
+
+    common.RemoveUnusedNodesPass()(model)
+    gc.collect()              # a removed node and the values it read reference each other: only gc frees them
 
 
 def cleanup(model: ir.Model) -> PassReport:
@@ -118,6 +131,7 @@ def fuse_sibling_matmuls(model: ir.Model) -> PassReport:
             continue
         _fuse(model.graph, nodes, weights)
         counts[_category(nodes[0])] += 1
+    _drop_unused(model)
     return PassReport("fuse_sibling_matmuls", bool(counts), dict(sorted(counts.items())), dict(notes))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import dataclass
@@ -61,7 +62,8 @@ class Stages:
 
 def run_export(config: ExportConfig) -> dict[str, Any]:
     """Build the bundle for an artifact; returns its manifest."""
-    from nectar_graphs.bundle import check_bundle_output, io_spec, tensors_with_dim, weight_bytes, write_bundle
+    from nectar_graphs.bundle import (check_bundle_output, io_spec, structure_proto, tensors_with_dim, weight_bytes,
+                                      write_bundle)
     from nectar_graphs.export import IR_VERSION, OPSET, export_step
     from nectar_graphs.lint import lint
     from nectar_graphs.passes import (cleanup, convert_precision, fold_constants, fuse_sibling_matmuls,
@@ -90,10 +92,19 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
         cache = context_cache(model, heldout["context_ids"], device, exact=artifact.exact_tokens)
         pairs = artifact.heads[config.variant]
         step = StepModule(model, nectar_contexts(pairs), config.all_logits, static)
-    passes = [fold_constants, fuse_sibling_matmuls, convert_precision(config.precision), cleanup]
+    # converting before fusing: the fused q|k|v and gate|up copies are made in the low precision
+    passes = [fold_constants, convert_precision(config.precision), fuse_sibling_matmuls, cleanup]
     stage = Stages(["torch.onnx.export", *[p.__name__ for p in passes], "lint", "write"])
     stage("torch.onnx.export")
     graph = export_step(step.eval())
+    # what the bundle records about the torch model, then let it go: the graph's weights are its only
+    # references to the float32 parameters, so each one is freed as the passes replace it (an 8B model's
+    # export otherwise holds its float32 and float16 weights at once, about 48 GB)
+    params = nectar_params(step, pairs, None if config.baseline else cache)
+    base_params, vocab_size = sum(p.numel() for p in model.parameters()), int(model.config.vocab_size)
+    fingerprint = loaded.fingerprint
+    del step, model, loaded
+    gc.collect()
     reports = []
     for graph_pass in passes:
         stage(graph_pass.__name__)
@@ -104,11 +115,8 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
     context_tokens = cache.n
     context_kv = _context_kv(cache, kv_dtype) if context_tokens else None
     stage("lint")
-    import onnx_ir as ir
-
-    report = lint(ir.to_proto(graph))
+    report = lint(structure_proto(graph))
     stage("write")
-    params = nectar_params(step, pairs, None if config.baseline else cache)
     bundle = {
         "kind": "full" if config.baseline else "nectar", "precision": config.precision, "kv_dtype": kv_dtype,
         "cache_layout": config.cache,
@@ -116,19 +124,19 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
         "context_tokens": context_tokens,
         "logits": "all" if config.all_logits else "last",
         "layers": manifest["model"]["layers"], "kv_heads": manifest["model"]["kv_heads"],
-        "head_dim": manifest["model"]["head_dim"], "vocab_size": int(model.config.vocab_size),
+        "head_dim": manifest["model"]["head_dim"], "vocab_size": vocab_size,
         "inputs": inputs, "outputs": outputs,
         "past": {"key": "past_key_values.{layer}.key", "value": "past_key_values.{layer}.value",
                  "present_key": "present.{layer}.key", "present_value": "present.{layer}.value"},
         "template": {"question": manifest["context"]["question_template"]},
         "stop_token_ids": sorted(stop_ids(tokenizer)), "pad_token_id": pad_id(tokenizer),
         "source": {"artifact": str(Path(config.artifact).expanduser().resolve()),
-                   "model_source": manifest["model"]["source"], "model_fingerprint": loaded.fingerprint,
+                   "model_source": manifest["model"]["source"], "model_fingerprint": fingerprint,
                    "context_sha256": manifest["context"]["sha256"],
                    "variant": None if config.baseline else config.variant, "code_version": __version__},
         "graph": {"opset": OPSET, "ir_version": IR_VERSION, "passes": [r.to_json() for r in reports],
                   "op_counts": op_counts(graph), "weight_bytes": weight_bytes(graph),
-                  "base_params": sum(p.numel() for p in model.parameters()),
+                  "base_params": base_params,
                   "nectar_params": params["fitted"], "nectar_graph_numbers": params["in_graph"],
                   "dims_equal_to_n": len(tensors_with_dim(graph, artifact.n)),
                   "lint": report},

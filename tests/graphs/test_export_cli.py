@@ -53,8 +53,8 @@ def test_nectar_bundle_is_self_describing_and_holds_only_the_heads(nectar_bundle
     assert abs(graph["weight_bytes"] - expected) < 4096, (graph["weight_bytes"], expected)
     assert graph["lint"]["unsupported_ops"] == {}
     assert graph["dims_equal_to_n"] == 0
-    assert [p["name"] for p in graph["passes"]] == ["fold_constants", "fuse_sibling_matmuls",
-                                                    "convert_precision", "cleanup"]
+    assert [p["name"] for p in graph["passes"]] == ["fold_constants", "convert_precision",
+                                                    "fuse_sibling_matmuls", "cleanup"]
     assert manifest["template"]["question"] == art["context"]["question_template"]
 
 

@@ -59,7 +59,7 @@ def fp16_graphs(request):
     out = {}
     for kind, contexts in (("nectar", nectar_contexts(pairs)), ("full", None)):
         graph = export_step(StepModule(model, contexts, static=True).eval())
-        run_pipeline(graph, [fold_constants, fuse_sibling_matmuls, convert_precision("fp16"), cleanup])
+        run_pipeline(graph, [fold_constants, convert_precision("fp16"), fuse_sibling_matmuls, cleanup])
         out[kind] = onnx.shape_inference.infer_shapes(ir.to_proto(graph))
     return request.param, out
 
