@@ -13,6 +13,7 @@ A pass returns a PassReport (name, changed, counts); a pipeline is an explicit l
 
 from __future__ import annotations
 
+import gc
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -62,8 +63,6 @@ def _drop_unused(model: ir.Model) -> None:
     """Remove nodes and initializers nothing reads any more, so a weight a pass replaced (folded into a transposed
     copy, fused with its siblings) is freed now rather than at `cleanup`: the replaced float32 weights of an 8B
     model would otherwise stay in memory beside their replacements through `convert_precision`."""
-    import gc
-
     from onnx_ir.passes import common
 
     common.RemoveUnusedNodesPass()(model)

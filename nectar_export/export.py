@@ -97,9 +97,8 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
     stage = Stages(["torch.onnx.export", *[p.__name__ for p in passes], "lint", "write"])
     stage("torch.onnx.export")
     graph = export_step(step.eval())
-    # what the bundle records about the torch model, then let it go: the graph's weights are its only
-    # references to the float32 parameters, so each one is freed as the passes replace it (an 8B model's
-    # export otherwise holds its float32 and float16 weights at once, about 48 GB)
+    # what the bundle records about the torch model, then let it go: the graph's weights are then the only
+    # references to the float32 parameters, so each is freed as the passes replace it (README, Export)
     params = nectar_params(step, pairs, None if config.baseline else cache)
     base_params, vocab_size = sum(p.numel() for p in model.parameters()), int(model.config.vocab_size)
     fingerprint = loaded.fingerprint

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 from safetensors.numpy import save_file
 
-from nectar_runtime.backends.base import BackendError, first_slot
+from nectar_runtime.backends.base import SLOT_ALIGN, BackendError, first_slot
 from nectar_runtime.backends.tensorrt import TensorRTBackend, kv_capacity, step_inputs
 from nectar_runtime.bundle import FORMAT, BundleError, file_entry, load_bundle
 
@@ -95,6 +95,8 @@ def test_kv_capacity_covers_the_context_tokens(tmp_path):
     assert kv_capacity(_write_bundle(tmp_path / "full", kind="full")) == N + WINDOW
     exact = _write_bundle(tmp_path / "exact", context_tokens=3)
     assert kv_capacity(exact) == 3 + WINDOW and first_slot(exact) == 3
+    exact.manifest["cache_layout"] = "static"              # static buffers: whole multiples of SLOT_ALIGN slots
+    assert kv_capacity(exact) == -(-(3 + WINDOW) // SLOT_ALIGN) * SLOT_ALIGN > 3 + WINDOW and first_slot(exact) == 3
 
 
 def test_a_bundle_with_context_tokens_needs_its_context_file(tmp_path):
