@@ -127,11 +127,38 @@ def resolve_checkpoint(spec: str) -> Path:
         if path.suffix.lower() != ".gguf":
             raise NectarError(f"{path} is a file but not a .gguf; pass a checkpoint directory or a GGUF file")
         gguf = path
-    digest = hashlib.sha256(f"{gguf.resolve()}:{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}".encode()).hexdigest()
-    target = cache_root() / "models" / f"{gguf.stem}-{digest[:12]}"
+    target = _converted_path(gguf)
     if not target.is_dir():
+        prune_stale_conversions(target.parent)
         _convert_gguf(gguf, target)
     return target
+
+
+def _converted_path(gguf: Path) -> Path:
+    """Cache folder of a GGUF file's conversion, keyed by the file's path, size and modification time."""
+    stat = gguf.stat()
+    digest = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    return cache_root() / "models" / f"{gguf.stem}-{digest[:12]}"
+
+
+def prune_stale_conversions(folder: Path) -> list[Path]:
+    """Remove conversions no lookup can reach again: their GGUF file is gone, or was replaced (its key moved).
+
+    Each conversion is about 4 bytes per parameter (517 MB for the default model), and a reinstalled wheel
+    or a deleted virtual environment moves the default GGUF file, so without this the cache grows by one
+    conversion per environment. Folders being written (no nectar_source.json yet) are left alone.
+    """
+    removed = []
+    for entry in sorted(folder.glob("*")) if folder.is_dir() else []:
+        try:
+            source = Path(json.loads((entry / "nectar_source.json").read_text())["gguf"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if source.is_file() and _converted_path(source).name == entry.name:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
 
 
 def weights_fingerprint(model: Any) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -62,3 +65,27 @@ def test_a_conversion_that_loses_the_race_keeps_the_winner(tmp_path):
     _convert_gguf(default_gguf_path(), target)
     assert (target / "config.json").read_text() == '{"winner": true}'
     assert [p.name for p in target.parent.iterdir()] == ["smollm2"], "a temporary folder was left behind"
+
+
+def test_stale_conversions_are_pruned_and_live_ones_kept(tmp_path, monkeypatch):
+    """A conversion whose GGUF file was deleted or replaced can never be looked up again: it goes."""
+    from nectar_export.models import _converted_path, prune_stale_conversions
+
+    monkeypatch.setenv("NECTAR_CACHE", str(tmp_path / "cache"))
+    sources = {name: tmp_path / f"{name}.gguf" for name in ("live", "gone", "replaced")}
+    entries = {}
+    for name, source in sources.items():
+        source.write_bytes(b"GGUF" + name.encode())
+        entries[name] = _converted_path(source)
+        entries[name].mkdir(parents=True)
+        (entries[name] / "nectar_source.json").write_text(json.dumps({"gguf": str(source), "size": 8}))
+    writing = entries["live"].parent / "half-written"
+    writing.mkdir()                                   # a conversion in progress has no nectar_source.json yet
+    sources["gone"].unlink()
+    stat = sources["replaced"].stat()
+    os.utime(sources["replaced"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+    removed = prune_stale_conversions(entries["live"].parent)
+
+    assert sorted(removed) == sorted([entries["gone"], entries["replaced"]])
+    assert sorted(p.name for p in entries["live"].parent.iterdir()) == sorted([entries["live"].name, "half-written"])
