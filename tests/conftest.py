@@ -37,14 +37,23 @@ def _qwen3():
     return Qwen3Config(**TINY, head_dim=16, use_sliding_window=False)   # q/k norm, head_dim != hidden/heads
 
 
+def _llama_rope_llama3():
+    """Llama 3's rotary scaling (Llama-3.1/3.2 checkpoints), sized so that it changes most frequencies here."""
+    from transformers import LlamaConfig
+    return LlamaConfig(**TINY, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 64})
+
+
 TINY_CONFIGS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3}
+VARIANTS = {"llama-rope-llama3": _llama_rope_llama3}       # not every architecture test needs these
 
 
 def tiny_model(arch: str, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch](), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config({**TINY_CONFIGS, **VARIANTS}[arch](), dtype=torch.float32)
     return model.eval()
 
 

@@ -86,6 +86,18 @@ def test_unsupported_architecture(tmp_path):
     _assert_clean_failure(result, out, "unsupported architecture 'gpt2'", "llama, mistral, qwen2, qwen3")
 
 
+def test_length_dependent_rotary_scaling_is_refused(tmp_path):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                         num_key_value_heads=1, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                 "rope_theta": 10000.0})
+    config.save_pretrained(tmp_path / "dynamic")
+    out = tmp_path / "out"
+    result = run_cli("fit", "--model", str(tmp_path / "dynamic"), "-o", str(out))
+    _assert_clean_failure(result, out, "'dynamic' rotary scaling", "default, linear, llama3, yarn")
+
+
 def test_artifact_of_another_model_is_refused(artifact, other_ckpt):
     result = run_cli("eval", str(artifact), "--model", str(other_ckpt))
     assert result.returncode != 0
