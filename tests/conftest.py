@@ -45,8 +45,16 @@ def _llama_rope_llama3():
                                                 "original_max_position_embeddings": 64})
 
 
+def _qwen2_rope_yarn():
+    """YaRN rotary scaling (Qwen2.5's long-context setting): new frequencies and a scaled cos/sin."""
+    from transformers import Qwen2Config
+    return Qwen2Config(**TINY, use_sliding_window=False,
+                       rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 16.0,
+                                        "original_max_position_embeddings": 64})
+
+
 TINY_CONFIGS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3}
-VARIANTS = {"llama-rope-llama3": _llama_rope_llama3}       # not every architecture test needs these
+VARIANTS = {"llama-rope-llama3": _llama_rope_llama3, "qwen2-rope-yarn": _qwen2_rope_yarn}       # not every architecture test needs these
 
 
 def tiny_model(arch: str, seed: int = 0):

@@ -80,14 +80,15 @@ def _run_torch(model, first_ids: torch.Tensor, start: int, cache) -> tuple[list[
     return logits, tokens[:-1]
 
 
-def test_llama3_rotary_variant_has_its_own_frequencies():
-    """The parity below covers Llama 3's rotary scaling only if the variant's frequencies differ."""
-    plain, scaled = tiny_model("llama").model.rotary_emb, tiny_model("llama-rope-llama3").model.rotary_emb
+@pytest.mark.parametrize("plain_arch, variant", [("llama", "llama-rope-llama3"), ("qwen2", "qwen2-rope-yarn")])
+def test_rotary_variants_have_their_own_frequencies(plain_arch, variant):
+    """The parity below covers a rotary scaling only if the variant's frequencies differ from the plain ones."""
+    plain, scaled = tiny_model(plain_arch).model.rotary_emb, tiny_model(variant).model.rotary_emb
     changed = ~torch.isclose(plain.inv_freq, scaled.inv_freq)
     assert int(changed.sum()) >= plain.inv_freq.numel() // 2
 
 
-@pytest.fixture(scope="module", params=["llama", "llama-rope-llama3", "mistral", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "llama-rope-llama3", "mistral", "qwen2", "qwen2-rope-yarn", "qwen3"])
 def exported(request, tmp_path_factory):
     arch = request.param
     model = tiny_model(arch)
