@@ -171,6 +171,55 @@ class Exports:
             time.sleep(2)
 
 
+PRECISION_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+def disk_plan(shape: str, overrides: dict[str, Any], ns: list[int], full_ns: set[int], precision: str,
+              head_params: int, tokenizer: Path, work: Path, checkpoint: Path | None) -> dict[str, int]:
+    """Bytes the missing checkpoint (None: not made by this run) and bundles will take under --work.
+
+    The checkpoint is float32; a bundle holds the weights in `precision` (each parameter once), the tokenizer,
+    and for Nectar the heads (`head_params` per layer and KV-head), for full attention the context's KV. The
+    heads' share is low: a Qwen3-1.7B Nectar bundle at 131,072 parameters per head was 4% over this estimate
+    (its head weights are padded, their biases and norms kept in float32), hence check_disk's margin.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = gpu_reference.make_config(shape, **overrides)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    width = PRECISION_BYTES[precision]
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    files = [tokenizer / name for name in TOKENIZER_FILES if (tokenizer / name).is_file()]
+    extra = 0                                    # a bundle's tokenizer.json is the same JSON without spaces
+    if (tokenizer / "tokenizer.json").is_file():
+        text = json.loads((tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+        extra = len(json.dumps(text, separators=(",", ":"), ensure_ascii=False).encode())
+    plan = {}
+    if checkpoint is not None and not (checkpoint / "config.json").is_file():
+        plan[checkpoint.name] = params * 4 + sum(f.stat().st_size for f in files)
+    for n in ns:
+        kinds = {"nectar": head_params * layers * kv_heads * width}
+        if n in full_ns:
+            kinds["full"] = 2 * layers * kv_heads * head_dim * n * width
+        for kind, own in kinds.items():
+            bundle = work / f"{shape}-{kind}-{n}"
+            if not (bundle / "bundle.json").is_file():
+                plan[bundle.name] = params * width + own + extra
+    return plan
+
+
+def check_disk(plan: dict[str, int], free: int, work: Path) -> None:
+    """Refuse a run whose checkpoint and bundles would not fit under --work, before any of them is made."""
+    need = sum(plan.values())
+    if need > 0.9 * free:                        # the estimate's error, logs, state files, the context text
+        parts = ", ".join(f"{name} {size / 1e9:.1f} GB" for name, size in plan.items())
+        raise SystemExit(f"error: this run writes {need / 1e9:.1f} GB under {work} ({parts}) and only "
+                         f"{free / 1e9:.1f} GB is free there; use fewer --ns / --full-ns, or a larger disk")
+
+
 def release_device_memory() -> None:
     """Hand this process's cached device memory back after a fit. PyTorch's allocator keeps what a fit used
     (137.9 GiB after the 128K fit on the H200): export children started next then fail with out-of-memory."""
@@ -303,6 +352,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             save_state(state_path, state)
 
+    full_ns = {int(n) for n in args.full_ns.split(",")} if args.full_ns else set(ns)
+    if stages & {"checkpoint", "export"}:
+        import shutil
+
+        plan = disk_plan(args.shape, overrides, ns if "export" in stages else [], full_ns, args.precision,
+                         args.head_params, args.tokenizer, args.work,
+                         checkpoint if "checkpoint" in stages else None)
+        state["disk_plan"] = plan
+        check_disk(plan, shutil.disk_usage(args.work).free, args.work)
     if "checkpoint" in stages and not (checkpoint / "config.json").is_file():
         state["checkpoint"] = step("checkpoint", lambda: make_checkpoint(args.shape, args.tokenizer, checkpoint,
                                                                         overrides))
@@ -319,8 +377,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         "fit_seconds": result["fit_seconds"], "nectar_params": result["nectar_params"],
                                         "samples": result["samples"]}
             release_device_memory()
-
-    full_ns = {int(n) for n in args.full_ns.split(",")} if args.full_ns else set(ns)
 
     def bundles(n: int) -> dict[str, Path]:
         out = {"nectar_ort_cuda": args.work / f"{args.shape}-nectar-{n}"}

@@ -58,3 +58,21 @@ def test_stages_before_measuring_run_on_the_cpu_with_parallel_exports(tmp_path, 
         assert manifest["cache_layout"] == "static" and manifest["kind"] == name.split("-")[2]
         assert state["export"][name]["export_seconds"]["torch.onnx.export"] > 0
     assert set(state["fit"]) == {"96", "64"} and all(f["recipe"] == "quick" for f in state["fit"].values())
+    # the disk plan made before any stage ran, against what the stages wrote
+    written = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+               for p in work.iterdir() if p.name in state["disk_plan"]}
+    assert set(written) == set(state["disk_plan"]) == names | {"qwen3-1.7b-ckpt"}
+    for name, size in written.items():
+        assert abs(state["disk_plan"][name] - size) < 0.1 * size, (name, state["disk_plan"][name], size)
+
+
+def test_a_run_that_cannot_fit_on_the_disk_is_refused_before_any_stage(tmp_path, tokenizer_dir):
+    """A vocabulary of 10^9 rows makes the float32 checkpoint alone 16 TB: refused, nothing written."""
+    import pytest
+
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit, match=r"writes \d+\.\d GB under .* GB is free there"):
+        gpu_decode.main(["--shape", "llama-3.1-8b", "--overrides", json.dumps({"vocab_size": 10**9}),
+                         "--ns", "4096", "--device", "cpu", "--tokenizer", str(tokenizer_dir), "--work", str(work),
+                         "--out", str(tmp_path / "out")])
+    assert list(work.iterdir()) == []
