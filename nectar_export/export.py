@@ -183,13 +183,14 @@ def nectar_params(step: Any, pairs: Any = None, exact: Any = None) -> dict[str, 
 def _context_kv(cache: Any, dtype: str) -> dict[str, Any]:
     """The context's (or the exact tokens') keys and values as [1, Hkv, tokens, D] arrays named after the past
     inputs."""
+    from nectar_graphs.passes import lower_array
     from nectar_runtime.backends.ort import kv_numpy_dtype
 
     np_dtype = kv_numpy_dtype(dtype)
     out = {}
     for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
-        out[f"past_key_values.{i}.key"] = k.unsqueeze(0).float().numpy().astype(np_dtype)
-        out[f"past_key_values.{i}.value"] = v.unsqueeze(0).float().numpy().astype(np_dtype)
+        out[f"past_key_values.{i}.key"] = lower_array(k.unsqueeze(0).float().numpy(), np_dtype)
+        out[f"past_key_values.{i}.value"] = lower_array(v.unsqueeze(0).float().numpy(), np_dtype)
     return out
 
 

@@ -130,3 +130,23 @@ def test_tensors_with_dim_finds_initializers_and_values():
     assert tensors_with_dim(model, 5) == []
     convert_precision("fp16")(model)    # typed intermediates: s [2, 6] and its casts
     assert {"s", "v", "w"} <= set(tensors_with_dim(model, 6))
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_lower_array_rounds_as_numpy_does(name):
+    """torch's conversion (the fast path) against numpy's astype, bit for bit, on random and edge values."""
+    import ml_dtypes
+
+    from nectar_graphs.passes import lower_array
+
+    dtype = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+    rng = np.random.default_rng(0)
+    edges = [0.0, -0.0, np.inf, -np.inf, 65504.0, 65520.0, 1e5, -1e5, 6e-8, 3e-8, 1e-40, 3.4e38, 1 + 2**-11,
+             1 + 3 * 2**-11, 1 + 2**-8, 1 + 3 * 2**-8]
+    array = np.concatenate([rng.standard_normal(100_000) * 10.0 ** rng.integers(-9, 6, 100_000),
+                            np.array(edges)]).astype(np.float32).reshape(4, -1)
+    got = lower_array(array, dtype)
+    assert got.dtype == dtype and got.shape == array.shape
+    with np.errstate(over="ignore"):                      # 1e5 and 3.4e38 overflow fp16 to inf, on purpose
+        assert np.array_equal(got.view(np.uint16), array.astype(dtype).view(np.uint16))
+        assert lower_array(array.astype(np.float64), dtype).dtype == dtype    # other inputs: numpy's astype
