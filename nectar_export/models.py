@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         _save_plain_checkpoint(model, tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "nectar_source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
+        (tmp / "nectar_source.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "size": gguf.stat().st_size}))
         try:
             os.replace(tmp, target)
         except OSError:
@@ -165,10 +166,13 @@ def prune_stale_conversions(folder: Path) -> list[Path]:
 
     Each conversion is about 4 bytes per parameter (517 MB for the default model), and a reinstalled wheel
     or a deleted virtual environment moves the default GGUF file, so without this the cache grows by one
-    conversion per environment. Folders being written (no nectar_source.json yet) are left alone.
+    conversion per environment. Folders being written (`_convert_gguf`'s temporary `NAME-DIGEST.XXXX`) are
+    left alone.
     """
     removed = []
     for entry in sorted(folder.glob("*")) if folder.is_dir() else []:
+        if not re.search(r"-[0-9a-f]{12}$", entry.name):
+            continue
         try:
             source = Path(json.loads((entry / "nectar_source.json").read_text())["gguf"])
         except (OSError, ValueError, KeyError, TypeError):

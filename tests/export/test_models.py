@@ -79,8 +79,9 @@ def test_stale_conversions_are_pruned_and_live_ones_kept(tmp_path, monkeypatch):
         entries[name] = _converted_path(source)
         entries[name].mkdir(parents=True)
         (entries[name] / "nectar_source.json").write_text(json.dumps({"gguf": str(source), "size": 8}))
-    writing = entries["live"].parent / "half-written"
-    writing.mkdir()                                   # a conversion in progress has no nectar_source.json yet
+    writing = entries["gone"].with_name(entries["gone"].name + ".k2x9")    # _convert_gguf's temporary folder
+    writing.mkdir()
+    (writing / "nectar_source.json").write_text(json.dumps({"gguf": str(sources["gone"]), "size": 8}))
     sources["gone"].unlink()
     stat = sources["replaced"].stat()
     os.utime(sources["replaced"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
@@ -88,4 +89,4 @@ def test_stale_conversions_are_pruned_and_live_ones_kept(tmp_path, monkeypatch):
     removed = prune_stale_conversions(entries["live"].parent)
 
     assert sorted(removed) == sorted([entries["gone"], entries["replaced"]])
-    assert sorted(p.name for p in entries["live"].parent.iterdir()) == sorted([entries["live"].name, "half-written"])
+    assert sorted(p.name for p in entries["live"].parent.iterdir()) == sorted([entries["live"].name, writing.name])
