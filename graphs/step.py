@@ -135,7 +135,7 @@ class JointPair(nn.Module):
     The block-diagonal layers and the carried columns (zeros and identities) make the stored weights about
     4x the fitted ones, 70% of them zeros: at D = 128 and 130,289 fitted parameters per head, w1/w2/w3 are
     128x560, 560x560 and 560x144 (465,920 values); at D = 64 and 25,433, 64x256, 256x256 and 256x80.
-    Three products still cost fewer kernels than the pair's separate ones (README, GPU).
+    That is the price of running both networks as three products and two activations (above).
 
     Every width is padded with zero columns to a multiple of WIDTH_ALIGN, the output's too (its row is
     [lse, out_1 .. out_D, zeros]): cuBLAS runs products of unaligned widths with slow `align1` kernels."""
