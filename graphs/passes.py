@@ -242,13 +242,13 @@ def lower_array(array: np.ndarray, dtype: Any) -> np.ndarray:
     of float32 against 0.5 s here (2 cores), which made precision conversion a minute of an 8B export."""
     import torch
 
-    dtype = np.dtype(dtype)
+    array, dtype = np.asarray(array), np.dtype(dtype)
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype.name)
     if torch_dtype is None or array.dtype != np.float32:
         return array.astype(dtype)
     with warnings.catch_warnings():                  # weights are often read-only views; this only reads them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        source = torch.from_numpy(np.ascontiguousarray(array))
+        source = torch.from_numpy(array if array.flags.c_contiguous else array.copy(order="C"))   # keeps 0-d
     low = source.to(torch_dtype)
     return (low if torch_dtype == torch.float16 else low.view(torch.int16)).numpy().view(dtype)
 

@@ -150,3 +150,7 @@ def test_lower_array_rounds_as_numpy_does(name):
     with np.errstate(over="ignore"):                      # 1e5 and 3.4e38 overflow fp16 to inf, on purpose
         assert np.array_equal(got.view(np.uint16), array.astype(dtype).view(np.uint16))
         assert lower_array(array.astype(np.float64), dtype).dtype == dtype    # other inputs: numpy's astype
+        for odd in (np.array(1.5, np.float32), np.float32(-2.5), array[:, ::3]):  # 0-d, numpy scalar, strided
+            assert lower_array(odd, dtype).shape == np.shape(odd)
+            assert np.array_equal(lower_array(odd, dtype).view(np.uint16),
+                                  np.asarray(odd).astype(dtype).view(np.uint16))
