@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -59,8 +60,6 @@ def log(message: str) -> None:
 
 def make_checkpoint(shape: str, tokenizer: Path, folder: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """Save the shape's random-weight model (float32) and the tokenizer files as a checkpoint folder."""
-    import shutil
-
     import torch
 
     config = gpu_reference.make_config(shape, **overrides)
@@ -171,9 +170,6 @@ class Exports:
             time.sleep(2)
 
 
-PRECISION_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
-
-
 def disk_plan(shape: str, overrides: dict[str, Any], ns: list[int], full_ns: set[int], precision: str,
               head_params: int, tokenizer: Path, work: Path, checkpoint: Path | None) -> dict[str, int]:
     """Bytes the missing checkpoint (None: not made by this run) and bundles will take under --work.
@@ -186,10 +182,12 @@ def disk_plan(shape: str, overrides: dict[str, Any], ns: list[int], full_ns: set
     import torch
     from transformers import AutoModelForCausalLM
 
+    from nectar_export.export import TORCH_DTYPES
+
     config = gpu_reference.make_config(shape, **overrides)
     with torch.device("meta"):
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    width = PRECISION_BYTES[precision]
+    width = TORCH_DTYPES[precision].itemsize
     layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     files = [tokenizer / name for name in TOKENIZER_FILES if (tokenizer / name).is_file()]
@@ -354,8 +352,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     full_ns = {int(n) for n in args.full_ns.split(",")} if args.full_ns else set(ns)
     if stages & {"checkpoint", "export"}:
-        import shutil
-
         plan = disk_plan(args.shape, overrides, ns if "export" in stages else [], full_ns, args.precision,
                          args.head_params, args.tokenizer, args.work,
                          checkpoint if "checkpoint" in stages else None)

@@ -80,8 +80,9 @@ def _rope_type(config: Any) -> str:
     """The rotary type of a config: `rope_parameters` (transformers 5) or `rope_scaling` (4), else default."""
     for field in ("rope_parameters", "rope_scaling"):
         params = getattr(config, field, None)
-        if isinstance(params, dict) and (params.get("rope_type") or params.get("type")):
-            return str(params.get("rope_type") or params.get("type"))
+        kind = (params.get("rope_type") or params.get("type")) if isinstance(params, dict) else None
+        if kind:
+            return str(kind)
     return "default"
 
 
