@@ -18,7 +18,7 @@ import numpy as np
 
 from nectar_runtime.backends.ort import make_backend
 from nectar_runtime.bundle import load_bundle
-from nectar_runtime.generate import load_tokenizer
+from nectar_runtime.generator import load_tokenizer
 
 
 def run(backend, prompt: list[int], feed: list[int] | None, tokens: int) -> tuple[list[np.ndarray], list[int], list[float]]:

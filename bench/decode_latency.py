@@ -117,7 +117,7 @@ def measure(path: Path, tokens: int, warmup: int, prompt_tokens: int, threads: i
     from nectar_runtime.backends.ort import make_backend
     from nectar_runtime.bundle import load_bundle
     from nectar_runtime.errors import GenerationError
-    from nectar_runtime.generate import forced_decode, load_tokenizer
+    from nectar_runtime.generator import forced_decode, load_tokenizer
 
     bundle = load_bundle(path)
     if prompt_tokens + max(tokens, warmup) > bundle["max_new_tokens"]:
@@ -182,7 +182,7 @@ import json, sys
 from pathlib import Path
 from nectar_export.config import FitConfig
 from nectar_export.models import resolve_checkpoint
-from nectar_export.pipeline import run_fit
+from nectar_export.fit import run_fit
 model, n, heads, out = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), Path(sys.argv[4])
 positions = json.loads((resolve_checkpoint(model) / "config.json").read_text())["max_position_embeddings"]
 config = FitConfig(model=model, context_tokens=n, **heads, reserve=min(512, positions - n),

@@ -90,7 +90,7 @@ def context_file(work: Path, tokens_needed: int) -> Path:
 def fit_one(checkpoint: Path, context: Path, n: int, head_params: int, recipe: str, reserve: int,
             out: Path, device: str) -> dict[str, Any]:
     from nectar_export.config import FitConfig
-    from nectar_export.pipeline import run_fit
+    from nectar_export.fit import run_fit
 
     extra = QUICK if recipe == "quick" else {"ablations": False}
     config = FitConfig(model=str(checkpoint), context=str(context), context_tokens=n, head_params=head_params,

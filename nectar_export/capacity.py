@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nectar_export.collect import LayerData
+from nectar_export.queries import LayerData
 
 
 @torch.no_grad()

@@ -78,7 +78,7 @@ def fit(output: str, quick: bool, epochs: int | None, device: str, **options: An
     if epochs is not None:
         config = dataclasses.replace(config, epochs=epochs)
 
-    from nectar_export.pipeline import run_fit
+    from nectar_export.fit import run_fit
 
     metrics = run_fit(config, Path(output), device)
     click.echo(f"wrote {output}: {metrics['nectar_params']:,} parameters for {metrics['kv_entries']:,} KV entries "
@@ -198,7 +198,7 @@ def _echo_text(text: str) -> None:
 @friendly_errors
 def run(bundle: str, prompt: str, stream: bool, backend: str, **options: Any) -> None:
     """Answer one question with a bundle (torch-free runtime); the last line gives the measured latency."""
-    from nectar_runtime.generate import Generator
+    from nectar_runtime.generator import Generator
 
     sampling = _sampling(options)
     with Generator(bundle, backend) as generator:
@@ -214,7 +214,7 @@ def run(bundle: str, prompt: str, stream: bool, backend: str, **options: Any) ->
 def chat(bundle: str, backend: str, **options: Any) -> None:
     """Ask questions about the bundle's document, one per line (each a fresh question); an empty line or EOF ends."""
     from nectar_runtime.errors import GenerationError
-    from nectar_runtime.generate import Generator
+    from nectar_runtime.generator import Generator
 
     sampling = _sampling(options)
     interactive = sys.stdin.isatty()

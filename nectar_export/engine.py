@@ -10,7 +10,7 @@ from nectar_export.errors import NectarError
 
 def build_tensorrt(path: Path, profile_text: str | None = None) -> dict[str, Any]:
     """Build model.plan with one optimization profile (batch, new tokens, past) and record it in bundle.json."""
-    from nectar_graphs.bundle import update_bundle_manifest
+    from nectar_graphs.bundle_writer import update_bundle_manifest
     from nectar_graphs.tensorrt import TensorRTError, build_engine, default_profile, parse_profile
     from nectar_runtime.bundle import ENGINE_FILE, load_bundle
 

@@ -12,14 +12,14 @@ from tqdm.auto import tqdm
 
 from nectar_export.artifact import Artifact, load_artifact, read_manifest, update_manifest
 from nectar_export.attention import ContextAttention, exact_partial, forward, nectar_mode
-from nectar_export.collect import collect, targets
+from nectar_export.queries import collect, targets
 from nectar_export.errors import NectarError
-from nectar_export.fit import layer_errors
-from nectar_export.generate import Sampling, generate
+from nectar_export.train import layer_errors
+from nectar_export.batch_generate import Sampling, generate
 from nectar_export.heads import HeadsContext, Pair
 from nectar_export.models import load_model
 from nectar_export.prefill import ContextCache, prefill
-from nectar_export.queries import Sample, pad_id, question_ids, right_padded, stop_ids
+from nectar_export.samples import Sample, pad_id, question_ids, right_padded, stop_ids
 
 WINDOW_SINKS = 4
 HEADLINE_SOURCES = ("continuation", "self_study", "prompts")   # repeat (copying) is reported on its own

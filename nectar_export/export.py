@@ -16,7 +16,7 @@ from nectar_export.artifact import load_artifact, read_manifest
 from nectar_export.errors import NectarError
 from nectar_export.models import check_device, load_model
 from nectar_export.prefill import ContextCache, prefill
-from nectar_export.queries import pad_id, stop_ids
+from nectar_export.samples import pad_id, stop_ids
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 CACHE_LAYOUTS = ("dynamic", "static")
@@ -62,9 +62,9 @@ class Stages:
 
 def run_export(config: ExportConfig) -> dict[str, Any]:
     """Build the bundle for an artifact; returns its manifest."""
-    from nectar_graphs.bundle import (check_bundle_output, io_spec, structure_proto, tensors_with_dim, weight_bytes,
+    from nectar_graphs.bundle_writer import (check_bundle_output, io_spec, structure_proto, tensors_with_dim, weight_bytes,
                                       write_bundle)
-    from nectar_graphs.export import IR_VERSION, OPSET, export_step
+    from nectar_graphs.trace import IR_VERSION, OPSET, export_step
     from nectar_graphs.lint import lint
     from nectar_graphs.passes import (cleanup, convert_precision, fold_constants, fuse_sibling_matmuls,
                                       op_counts)

@@ -1,106 +1,145 @@
-"""Fitting head pairs to recorded queries: every KV-head of a layer at once, Adam, early stopping."""
+"""`fit`: from a model and a document to a saved artifact, stage by stage, with timings."""
 
 from __future__ import annotations
 
-import copy
-import math
-from dataclasses import dataclass
-from typing import Callable, Sequence
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from nectar_export.collect import LayerData
-from nectar_export.heads import Pair
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: int = 40
-    batch_size: int = 2048
-    lr: float = 3e-3
-    patience: int = 4
-    seed: int = 0
-    lse_weight: float = 0.05       # small auxiliary pull of S towards the true log-normalizer
+from nectar_export.artifact import check_output, save_artifact
+from nectar_export.capacity import allocate, linear_probe_error
+from nectar_export.queries import LayerData, collect, targets
+from nectar_export.config import FitConfig
+from nectar_export.context import build_context, load_document
+from nectar_export.errors import NectarError
+from nectar_export.train import TrainSettings, fit_pairs
+from nectar_export.heads import MLPPair, Pair, QuadraturePair, build_pair, pair_params
+from nectar_export.models import check_device, LoadedModel, load_model
+from nectar_export.prefill import ContextCache, prefill
+from nectar_export.samples import SampleSet, build_samples
 
 
-def merged_prediction(pair: Pair | Callable, d: LayerData, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, merged output) a pair (or any q -> (lse, out) function) gives, merged with sinks + new tokens."""
-    score, target = pair(d.q, scaling)
-    share = torch.sigmoid(score - d.rest_lse).unsqueeze(-1)                     # context's softmax mass
-    return score, d.rest_out + share * (target - d.rest_out)
+class Stopwatch:
+    """Seconds spent per named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()                     # count queued GPU work in the stage that queued it
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
+        return result
 
 
-def loss_terms(pair: Pair, d: LayerData, scaling: float, norm: torch.Tensor,
-               lse_weight: float) -> torch.Tensor:
-    """Per-head loss: merged-output squared error relative to the output's size, plus a weighted lse term."""
-    score, merged = merged_prediction(pair, d, scaling)
-    _, truth = d.merged()
-    err = ((merged - truth) ** 2).sum(-1).mean(1) / norm
-    mass = torch.sigmoid(d.ctx_lse - d.rest_lse)
-    lse_err = (mass * (score - d.ctx_lse) ** 2).mean(1)
-    return err + lse_weight * lse_err
+def model_shape(model: Any) -> dict[str, int]:
+    cfg = model.config
+    return {"layers": cfg.num_hidden_layers, "kv_heads": cfg.num_key_value_heads,
+            "query_heads": cfg.num_attention_heads,
+            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads}
 
 
-@torch.no_grad()
-def layer_errors(pair: Pair | Callable, d: LayerData, scaling: float, chunk: int = 16384) -> dict[str, float]:
-    """Relative L2 of the merged output and mean |S - lse| over the modeled context, all heads of a layer."""
-    sq_err = sq_true = abs_lse = 0.0
-    for start in range(0, d.size, chunk):
-        part = d.subset(torch.arange(start, min(start + chunk, d.size)))
-        score, merged = merged_prediction(pair, part, scaling)
-        _, truth = part.merged()
-        sq_err += float(((merged - truth) ** 2).sum())
-        sq_true += float((truth ** 2).sum())
-        abs_lse += float((score - part.ctx_lse).abs().sum())
-    return {"approx_error": math.sqrt(sq_err / max(sq_true, 1e-30)),
-            "lse_error": abs_lse / (d.size * d.q.shape[0])}
+def layer_budget(config: FitConfig, n: int, dim: int) -> int:
+    """Network parameters per (layer, KV-head) on average: the budget minus what the exact tokens hold."""
+    window = config.window_tokens(n, dim)
+    net = config.head_budget(n, dim) - 2 * (config.sinks + window) * dim
+    if net < 4 * dim:
+        given = f"--head-params {config.head_params}" if config.head_params is not None else f"--budget {config.budget}"
+        raise NectarError(f"{given} leaves {net} parameters per head after {config.sinks} sinks "
+                          f"and a {window}-token window; raise the budget or lower --sinks/--window")
+    return net
 
 
-def fit_layer(pair: Pair, train: LayerData, val: LayerData, scaling: float, settings: TrainSettings,
-              bar: tqdm) -> dict[str, float]:
-    """Train one layer's pair; keep the state with the lowest validation error."""
-    generator = torch.Generator().manual_seed(settings.seed)
-    _, truth = train.merged()
-    norm = (truth ** 2).sum(-1).mean(1).clamp(min=1e-12)                        # [H]
-    steps = max(1, math.ceil(train.size / settings.batch_size))
-    opt = torch.optim.Adam(pair.parameters(), lr=settings.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=settings.epochs * steps,
-                                                pct_start=0.1)
-    best, best_state, stale, epochs = math.inf, copy.deepcopy(pair.state_dict()), 0, 0
-    for epoch in range(settings.epochs):
-        order = torch.randperm(train.size, generator=generator)
-        for i in range(steps):
-            batch = train.subset(order[i * settings.batch_size:(i + 1) * settings.batch_size])
-            loss = loss_terms(pair, batch, scaling, norm, settings.lse_weight).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        bar.update(steps)
-        epochs = epoch + 1
-        err = layer_errors(pair, val, scaling)["approx_error"]
-        if err < best * (1 - 1e-3):
-            best, best_state, stale = err, copy.deepcopy(pair.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= settings.patience:
-                bar.update(steps * (settings.epochs - epochs))
-                break
-    pair.load_state_dict(best_state)
-    return {"val_approx_error": best, "epochs": epochs}
+def make_pairs(family: str, budgets: Sequence[int], shape: dict[str, int], cache: ContextCache,
+               exact_index: torch.Tensor, train: Sequence[LayerData], seed: int) -> list[Pair]:
+    """Build and initialize one pair per layer within its parameter budget."""
+    generator = torch.Generator().manual_seed(seed)
+    pairs = []
+    for layer, budget in enumerate(budgets):
+        pair = build_pair(family, shape["kv_heads"], shape["head_dim"], budget).to(exact_index.device)
+        if isinstance(pair, QuadraturePair):
+            modeled = torch.ones(cache.n, dtype=torch.bool, device=exact_index.device)
+            modeled[exact_index] = False
+            pair.init_from_cache(cache.keys[layer][:, modeled], cache.values[layer][:, modeled], generator)
+        elif isinstance(pair, MLPPair):
+            d = train[layer]
+            pair.init_from(d.q, d.ctx_lse, d.ctx_out)
+        pairs.append(pair)
+    return pairs
 
 
-def fit_pairs(pairs: Sequence[Pair], train: Sequence[LayerData], val: Sequence[LayerData], scaling: float,
-              settings: TrainSettings, desc: str = "fit") -> list[dict[str, float]]:
-    """Fit every layer's pair in turn with one progress bar over all optimizer steps."""
-    torch.manual_seed(settings.seed)
-    total = sum(settings.epochs * max(1, math.ceil(t.size / settings.batch_size)) for t in train)
-    reports = []
-    with tqdm(total=total, desc=desc, unit="step") as bar:
-        for layer, (pair, t, v) in enumerate(zip(pairs, train, val)):
-            pair.train()
-            reports.append(fit_layer(pair, t, v, scaling, settings, bar))
-            pair.eval()
-            bar.set_postfix(layer=layer, val_err=f"{reports[-1]['val_approx_error']:.3f}")
-    return reports
+def run_fit(config: FitConfig, out: Path, device: str = "cpu") -> dict[str, Any]:
+    """The whole fitting pipeline; writes the artifact to out and returns its manifest's metrics.
+
+    `device` only decides where the work runs (float32 everywhere), not what is fitted.
+    """
+    check_output(out)
+    dev = check_device(device)
+    torch.manual_seed(config.seed)
+    clock = Stopwatch()
+    loaded: LoadedModel = clock.run("load_model", lambda: load_model(config.model))
+    model, tokenizer = loaded.model.to(dev), loaded.tokenizer
+    document = load_document(config.context)
+    max_positions = int(model.config.max_position_embeddings)
+    context, doc_ids = build_context(tokenizer, document, config.context_tokens, max_positions, config.reserve)
+    shape = model_shape(model)
+    budget = layer_budget(config, context.n, shape["head_dim"])
+    cache = clock.run("prefill", lambda: prefill(model, context.ids))
+    samples: SampleSet = clock.run("samples", lambda: build_samples(model, tokenizer, context, doc_ids,
+                                                                    cache.exact(), config))
+    scaling = float(model.model.layers[0].self_attn.scaling)
+    exact = cache.exact_index(config.sinks, config.window_tokens(context.n, shape["head_dim"]))
+    queries = {split: clock.run("collect", lambda: collect(model, cache, samples.splits[split], desc=f"{split} queries"))
+               for split in ("train", "val")}
+    train = clock.run("targets", lambda: targets(queries["train"], cache, exact, scaling, desc="train targets"))
+    val = clock.run("targets", lambda: targets(queries["val"], cache, exact, scaling, desc="val targets"))
+    difficulty = clock.run("allocate", lambda: [linear_probe_error(t, v) for t, v in zip(train, val)])
+    settings = TrainSettings(config.epochs, config.batch_size, config.lr, config.patience, config.seed)
+    plans = {"nectar": (config.family, config.allocation)}
+    if config.ablations:
+        plans["quadrature"] = ("quadrature", config.allocation)
+        plans["uniform_allocation"] = (config.family, "uniform")
+    heads: dict[str, list[Pair]] = {}
+    reports: dict[str, Any] = {}
+    for variant, (family, allocation) in plans.items():
+        budgets = allocate(difficulty, budget) if allocation == "adaptive" else [budget] * len(train)
+        pairs = make_pairs(family, budgets, shape, cache, exact, train, config.seed)
+        stage = "fit" if variant == "nectar" else f"fit_{variant}"
+        fit_report = clock.run(stage, lambda: fit_pairs(pairs, train, val, scaling, settings, desc=f"fit {variant}"))
+        heads[variant] = pairs
+        reports[variant] = {
+            "family": family, "allocation": allocation,
+            "params": sum(pair_params(p) * p.heads + 2 * len(exact) * p.heads * p.dim for p in pairs),
+            "val_approx_error_by_layer": [round(r["val_approx_error"], 5) for r in fit_report],
+            "epochs_by_layer": [r["epochs"] for r in fit_report],
+        }
+    kv_entries = 2 * context.n * shape["head_dim"] * shape["kv_heads"] * shape["layers"]
+    metrics = {"nectar_params": reports["nectar"]["params"], "kv_entries": kv_entries,
+               "params_over_kv": round(reports["nectar"]["params"] / kv_entries, 5),
+               "layer_difficulty": [round(d, 5) for d in difficulty], "variants": reports,
+               "seconds": clock.seconds, "device": str(dev),
+               "fit_seconds": round(sum(v for k, v in clock.seconds.items() if not k.startswith("fit_")), 1),
+               "samples": samples.counts()}
+    manifest = {
+        "model": {"source": config.model, "fingerprint": loaded.fingerprint,
+                  "model_type": model.config.model_type, **shape, "scaling": scaling,
+                  "max_positions": max_positions},
+        "context": {"source": context.source, "sha256": context.sha256, "n": context.n, "sinks": config.sinks,
+                    "window": config.window_tokens(context.n, shape["head_dim"]),
+                    "document_tokens": context.document_tokens, "prefix_text": context.prefix_text,
+                    "question_template": context.question_template},
+        "positions": {"first_new": context.n, "max_new_tokens": config.reserve},
+        "config": config.to_json(),
+        "fit": metrics,
+    }
+    heldout = {"context_ids": list(context.ids),
+               "test": [{"source": s.source, "ids": list(s.ids), "question": s.question}
+                        for s in samples.splits["test"]]}
+    heads = {variant: [pair.cpu() for pair in pairs] for variant, pairs in heads.items()}
+    save_artifact(out, manifest, heads, extra={"heldout.json": json.dumps(heldout)})
+    return metrics

@@ -20,7 +20,7 @@ from nectar_export.attention import forward, nectar_mode
 from nectar_export.errors import NectarError
 from nectar_export.models import load_model
 from nectar_export.prefill import ContextCache, prefill
-from nectar_export.queries import question_ids
+from nectar_export.samples import question_ids
 
 TOP_MISMATCHES = 20
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from nectar_runtime.generate import main
+from nectar_runtime.generator import main
 
 if __name__ == "__main__":
     sys.exit(main())

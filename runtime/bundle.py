@@ -109,7 +109,7 @@ class Bundle:
 
     def prompt_text(self, question: str) -> str:
         """The text after the document for a question: the template is a str.format string (literal braces
-        doubled, as the exporter writes it), filled exactly as nectar_export.queries.question_ids does."""
+        doubled, as the exporter writes it), filled exactly as nectar_export.samples.question_ids does."""
         template = self.manifest["template"]["question"]
         try:
             return template.format(question=question)

@@ -6,12 +6,12 @@ import torch
 
 from conftest import tiny_model
 from nectar_export.capacity import allocate, linear_probe_error
-from nectar_export.collect import collect, targets
-from nectar_export.fit import TrainSettings, fit_pairs, layer_errors
+from nectar_export.queries import collect, targets
+from nectar_export.train import TrainSettings, fit_pairs, layer_errors
 from nectar_export.heads import MLPPair, QuadraturePair, build_pair, pair_params
-from nectar_export.pipeline import make_pairs, model_shape
+from nectar_export.fit import make_pairs, model_shape
 from nectar_export.prefill import prefill
-from nectar_export.queries import Sample
+from nectar_export.samples import Sample
 
 
 def _data(arch: str = "llama", n: int = 96, sinks: int = 2):
@@ -88,7 +88,7 @@ def test_linear_probe_error_is_a_relative_error():
 
 def test_head_params_fix_the_head_size_at_every_n():
     from nectar_export.config import FitConfig
-    from nectar_export.pipeline import layer_budget
+    from nectar_export.fit import layer_budget
 
     fixed, fraction = FitConfig(head_params=32768), FitConfig(budget=0.125)
     assert fixed.head_budget(512, 64) == fixed.head_budget(8000, 64) == 32768

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nectar_export.errors import NectarError
-from nectar_export.generate import Sampling, pick_next
-from nectar_export.queries import _deal, read_prompts
+from nectar_export.batch_generate import Sampling, pick_next
+from nectar_export.samples import _deal, read_prompts
 
 
 def test_prompt_file_lines_and_jsonl(tmp_path):

@@ -123,7 +123,7 @@ def test_fp32_precision_is_a_no_op():
 
 
 def test_tensors_with_dim_finds_initializers_and_values():
-    from nectar_graphs.bundle import tensors_with_dim
+    from nectar_graphs.bundle_writer import tensors_with_dim
 
     model = _softmax_graph()            # w [8, 6], v [6, 4], x [2, 8]
     assert tensors_with_dim(model, 6) == ["v", "w"]

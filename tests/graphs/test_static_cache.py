@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_model
 from nectar_export.attention import ExactContext, cache_keyword, nectar_mode
 from nectar_export.heads import HeadsContext
-from nectar_graphs.export import export_step
+from nectar_graphs.trace import export_step
 from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, op_counts, run_pipeline
 from nectar_graphs.step import StepModule, nectar_contexts
 from test_step_export import N, PROMPT, STEPS, TOL, _heads, _run_torch, _session

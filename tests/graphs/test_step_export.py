@@ -16,7 +16,7 @@ import torch
 from conftest import tiny_model
 from nectar_export.attention import ExactContext, cache_keyword, forward, nectar_mode
 from nectar_export.heads import HeadsContext, MLPPair
-from nectar_graphs.export import export_step
+from nectar_graphs.trace import export_step
 from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, run_pipeline
 from nectar_graphs.step import StepModule, nectar_contexts
 

@@ -12,7 +12,7 @@ import torch
 
 from conftest import tiny_model
 from nectar_export.heads import MLPPair
-from nectar_graphs.export import export_step
+from nectar_graphs.trace import export_step
 from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, run_pipeline
 from nectar_graphs.step import WIDTH_ALIGN, JointPair, Rotary, StepModule, nectar_contexts
 from test_step_export import _heads

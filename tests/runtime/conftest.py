@@ -43,7 +43,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def artifact(tmp_path_factory, tiny_ckpt) -> Path:
     from nectar_export.config import FitConfig
-    from nectar_export.pipeline import run_fit
+    from nectar_export.fit import run_fit
 
     out = tmp_path_factory.mktemp("art") / "art"
     config = FitConfig(model=str(tiny_ckpt), context_tokens=N, continuation=(16, 4, 2), repeat=(4, 1, 1),

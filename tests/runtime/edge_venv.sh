@@ -29,7 +29,7 @@ PYTHONPATH="$work/path" "$work/venv/bin/python" -m nectar_runtime "$bundle" --pr
     --max-new-tokens 16 --stream
 PYTHONPATH="$work/path" "$work/venv/bin/python" - "$bundle" <<'PY'
 import sys
-from nectar_runtime.generate import Generator
+from nectar_runtime.generator import Generator
 from nectar_runtime.sampling import Sampling
 with Generator(sys.argv[1]) as g:
     result = g.generate("Once more, briefly?", Sampling(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=1))

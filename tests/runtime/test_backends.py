@@ -13,7 +13,7 @@ from nectar_runtime.backends.base import BackendError
 from nectar_runtime.backends.ort import OrtCpuBackend, make_backend
 from nectar_runtime.backends.ort_cuda import OrtCudaBackend
 from nectar_runtime.bundle import BundleError, load_bundle
-from nectar_runtime.generate import Generator
+from nectar_runtime.generator import Generator
 
 
 class HostBoundBackend(OrtCudaBackend):

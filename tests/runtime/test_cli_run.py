@@ -63,7 +63,7 @@ def test_edge_entry_point(nectar_bundle):
 
 NO_TORCH = """
 import sys
-from nectar_runtime.generate import Generator
+from nectar_runtime.generator import Generator
 from nectar_runtime.sampling import Sampling
 with Generator(sys.argv[1]) as g:
     r = g.generate("What is in the manual?", Sampling(max_new_tokens=8, temperature=0.7, top_p=0.9))

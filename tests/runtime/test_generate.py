@@ -7,7 +7,7 @@ import json
 import pytest
 
 from nectar_runtime.errors import GenerationError
-from nectar_runtime.generate import Generator, TextStream
+from nectar_runtime.generator import Generator, TextStream
 from nectar_runtime.sampling import Sampling
 
 ANSWER = 32
@@ -34,9 +34,9 @@ def reference(tiny_ckpt, artifact):
 
 def torch_greedy(ref: dict, kind: str, questions: list[str]) -> list[list[int]]:
     """nectar_export's own greedy generation (HF model in Nectar mode, or with the exact context)."""
-    from nectar_export.generate import Sampling as TorchSampling
-    from nectar_export.generate import generate
-    from nectar_export.queries import pad_id, question_ids, stop_ids
+    from nectar_export.batch_generate import Sampling as TorchSampling
+    from nectar_export.batch_generate import generate
+    from nectar_export.samples import pad_id, question_ids, stop_ids
 
     tok = ref["tokenizer"]
     prompts = [question_ids(tok, ref["template"], q) for q in questions]
@@ -57,7 +57,7 @@ def test_greedy_equals_torch_token_for_token(reference, bundles, kind, count):
 
 
 def test_prompt_tokens_equal_the_exporters(reference, nectar_bundle):
-    from nectar_export.queries import question_ids
+    from nectar_export.samples import question_ids
 
     questions = reference["questions"][:3] + ["What does {x} mean in an f-string?", "naïve café — 日本語 🎉?",
                                               "  spaces around  "]
