@@ -314,12 +314,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.child:
-        from nectar_runtime.errors import RUNTIME_ERRORS
+        from nectar_runtime.errors import NectarError
 
         try:
             print(json.dumps(measure(args.child, args.tokens, args.warmup, args.prompt_tokens, args.threads,
                                      args.backend, args.profile, not args.no_cuda_graph)))
-        except RUNTIME_ERRORS as exc:
+        except NectarError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return 0

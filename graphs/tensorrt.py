@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nectar_runtime.errors import NectarError
+
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]
 
@@ -32,7 +34,7 @@ INSTALL = ("pip install tensorrt (from NVIDIA's index, https://pypi.nvidia.com; 
            "`pip install --extra-index-url https://pypi.nvidia.com tensorrt`) on a machine with an NVIDIA GPU")
 
 
-class TensorRTError(Exception):
+class TensorRTError(NectarError):
     """TensorRT absent, or an ONNX file or profile that TensorRT cannot turn into an engine."""
 
 

@@ -17,16 +17,13 @@ QUICK = {"continuation": (24, 4, 12), "repeat": (8, 2, 4), "self_study": (24, 4,
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a user error as one line and exit non-zero, without a traceback."""
+    """Print a user error (any NectarError, the root of every stage's errors) as one line and exit 2, without a
+    traceback; anything else is a bug and keeps its traceback."""
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from nectar_runtime.backends.base import BackendError
-        from nectar_runtime.bundle import BundleError
-        from nectar_runtime.errors import GenerationError
-
         try:
             return fn(*args, **kwargs)
-        except (NectarError, BundleError, BackendError, GenerationError) as exc:
+        except NectarError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:

@@ -11,7 +11,7 @@ from nectar_export.errors import NectarError
 def build_tensorrt(path: Path, profile_text: str | None = None) -> dict[str, Any]:
     """Build model.plan with one optimization profile (batch, new tokens, past) and record it in bundle.json."""
     from nectar_graphs.bundle_writer import update_bundle_manifest
-    from nectar_graphs.tensorrt import TensorRTError, build_engine, default_profile, parse_profile
+    from nectar_graphs.tensorrt import build_engine, default_profile, parse_profile
     from nectar_runtime.bundle import ENGINE_FILE, load_bundle
 
     bundle = load_bundle(path, check_hashes=True)
@@ -27,10 +27,7 @@ def build_tensorrt(path: Path, profile_text: str | None = None) -> dict[str, Any
                                   prompt_tokens=min(limits["sequence"], limits["past"]), context_tokens=context)
     except ValueError as exc:
         raise NectarError(f"--profile: {exc}") from None
-    try:
-        info = build_engine(bundle.onnx_path, bundle.path / ENGINE_FILE, profile)
-    except TensorRTError as exc:
-        raise NectarError(str(exc)) from None
+    info = build_engine(bundle.onnx_path, bundle.path / ENGINE_FILE, profile)
     engines = dict(bundle.manifest.get("engines", {}), tensorrt=info)
     update_bundle_manifest(bundle.path, "engines", engines, files=[ENGINE_FILE])
     return info

@@ -1,11 +1,8 @@
-"""The two exception types of the project: one for what a user can cause, one for broken invariants."""
+"""The project's two exception roots (defined in `nectar_runtime.errors`, the lowest package): `NectarError` for what
+a user can cause, `NectarInternalError` for broken invariants."""
 
 from __future__ import annotations
 
+from nectar_runtime.errors import NectarError, NectarInternalError
 
-class NectarError(Exception):
-    """A problem the user can fix (bad path, wrong model, context too long); printed without a traceback."""
-
-
-class NectarInternalError(RuntimeError):
-    """An invariant of the code itself was broken: a bug, never the user's input."""
+__all__ = ["NectarError", "NectarInternalError"]

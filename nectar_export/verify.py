@@ -56,16 +56,12 @@ def _reference_run(model: Any, prompt: list[int], n: int, steps: int, past: Cont
 def run_verify(path: Path, prompts: int = 24, steps: int = 10, backend_name: str = "ort-cpu",
                model_spec: str | None = None) -> dict[str, Any]:
     """Run both on up to `prompts` held-out questions with `steps` greedy decode steps each; report the gaps."""
-    from nectar_runtime.backends.base import BackendError
     from nectar_runtime.backends.ort import make_backend
-    from nectar_runtime.bundle import BundleError, load_bundle
+    from nectar_runtime.bundle import load_bundle
 
     from nectar_export.evaluate import heads_contexts
 
-    try:
-        bundle = load_bundle(path, check_hashes=True)
-    except BundleError as exc:
-        raise NectarError(str(exc)) from None
+    bundle = load_bundle(path, check_hashes=True)
     source = bundle["source"]
     artifact_path = Path(source["artifact"])
     manifest = read_manifest(artifact_path)
@@ -87,11 +83,8 @@ def run_verify(path: Path, prompts: int = 24, steps: int = 10, backend_name: str
                                                 cache.exact_index(*artifact.exact_tokens))
     diffs: dict[str, float] = {}
     mismatches, matches, total, all_diffs = [], 0, 0, []
-    try:
-        backend = make_backend(bundle, backend_name)
-        backend.activate()
-    except BackendError as exc:
-        raise NectarError(str(exc)) from None
+    backend = make_backend(bundle, backend_name)
+    backend.activate()
     try:
         for p, question in enumerate(questions):
             prompt = question_ids(tokenizer, template, question)

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nectar_runtime.errors import BundleError
+
 FORMAT = "nectar-bundle/1"
 MANIFEST = "bundle.json"
 ONNX_FILE = "model.onnx"
@@ -50,10 +52,6 @@ LAYOUTS = ("dynamic", "static")     # optional key; absent means dynamic
 REQUIRED = ("kind", "precision", "kv_dtype", "n", "first_position", "max_new_tokens", "logits", "layers",
             "kv_heads", "head_dim", "vocab_size", "inputs", "outputs", "past", "template", "stop_token_ids",
             "files")
-
-
-class BundleError(Exception):
-    """A bundle that is missing, damaged or of another format; the message says what to do."""
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:

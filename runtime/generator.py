@@ -25,7 +25,7 @@ import numpy as np
 from nectar_runtime.backends.base import Backend
 from nectar_runtime.backends.ort import make_backend
 from nectar_runtime.bundle import TOKENIZER_FILE, Bundle, load_bundle
-from nectar_runtime.errors import RUNTIME_ERRORS, GenerationError
+from nectar_runtime.errors import GenerationError, NectarError, NectarInternalError
 from nectar_runtime.sampling import Sampling, pick_next
 
 BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
@@ -178,7 +178,8 @@ class Generator:
         for delta in self.stream(question, sampling):
             if on_text is not None:
                 on_text(delta)
-        assert self.last is not None
+        if self.last is None:
+            raise NectarInternalError("the token loop ended without recording its result")
         return self.last
 
 
@@ -221,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = generator.generate(args.prompt, sampling, on_text=write)
             print("" if args.stream else result.text)
             print(result.timing_line(args.backend))
-    except RUNTIME_ERRORS as exc:
+    except NectarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

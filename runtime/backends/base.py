@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from nectar_runtime.bundle import Bundle
+from nectar_runtime.errors import BackendError
 
 
 # static buffers' slot count is rounded up to this; see kv_capacity
@@ -59,10 +60,6 @@ def static_inputs(input_ids: np.ndarray, position: int, slot: int) -> tuple[np.n
 def first_slot(bundle: Bundle) -> int:
     """The static buffer slot of the first new token: right after the bundle's context tokens."""
     return bundle.context_tokens
-
-
-class BackendError(Exception):
-    """A backend that cannot run here (package absent, no device) or a request it cannot serve."""
 
 
 class Backend:
