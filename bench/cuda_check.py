@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from nectar_runtime.backends.ort import make_backend
+from nectar_runtime.backends import make_backend
 from nectar_runtime.bundle import load_bundle
 from nectar_runtime.generator import load_tokenizer
 
@@ -38,7 +38,7 @@ def run(backend, prompt: list[int], feed: list[int] | None, tokens: int) -> tupl
 def check(path: str, question: str, tokens: int) -> dict:
     bundle = load_bundle(path)
     prompt = load_tokenizer(bundle).encode(bundle.prompt_text(question), add_special_tokens=False).ids
-    out = {"bundle": path, "kind": bundle.kind, "precision": bundle["precision"], "n": bundle["n"]}
+    out = {"bundle": path, "kind": bundle.kind, "precision": bundle.manifest.precision, "n": bundle.manifest.n}
     with make_backend(bundle, "ort-cpu") as cpu:
         ref, picks, cpu_ms = run(cpu, prompt, None, tokens)
     with make_backend(bundle, "ort-cuda") as gpu:

@@ -114,15 +114,15 @@ def measure(path: Path, tokens: int, warmup: int, prompt_tokens: int, threads: i
     import resource
     import statistics
 
-    from nectar_runtime.backends.ort import make_backend
+    from nectar_runtime.backends import make_backend
     from nectar_runtime.bundle import load_bundle
     from nectar_runtime.errors import GenerationError
     from nectar_runtime.generator import forced_decode, load_tokenizer
 
     bundle = load_bundle(path)
-    if prompt_tokens + max(tokens, warmup) > bundle["max_new_tokens"]:
+    if prompt_tokens + max(tokens, warmup) > bundle.manifest.max_new_tokens:
         raise GenerationError(f"{path}: {prompt_tokens} prompt + {max(tokens, warmup)} tokens exceed the bundle's "
-                              f"window of {bundle['max_new_tokens']}")
+                              f"window of {bundle.manifest.max_new_tokens}")
     tokenizer = load_tokenizer(bundle)
     prompt, feed = bench_prompt(tokenizer, bundle, prompt_tokens), forced_tokens(tokenizer, max(tokens, warmup))
     options: dict[str, Any] = {"threads": threads} if backend_name == "ort-cpu" else {}
@@ -137,11 +137,11 @@ def measure(path: Path, tokens: int, warmup: int, prompt_tokens: int, threads: i
         device_mem = gpu_mem_used_mb() if backend_name == "ort-cuda" else None
         graphed = bool(getattr(backend, "cuda_graph", False))
         trace = summarize_profile(Path(backend.end_profiling()), tokens) if profile is not None else None
-    return {"kind": bundle.kind, "n": bundle["n"], "ms_per_token": round(statistics.median(result.token_ms), 4),
+    return {"kind": bundle.kind, "n": bundle.manifest.n, "ms_per_token": round(statistics.median(result.token_ms), 4),
             "prefill_ms": round(result.prefill_ms, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "bundle_bytes": sum(int(e["bytes"]) for e in bundle["files"].values()), "kv_bytes": kv_bytes,
-            "bundle": str(path), "nectar_params": bundle["graph"].get("nectar_params", 0),
+            "bundle_bytes": sum(e.bytes for e in bundle.manifest.files.values()), "kv_bytes": kv_bytes,
+            "bundle": str(path), "nectar_params": bundle.manifest.graph.get("nectar_params", 0),
             "tokens": tokens, "prompt_tokens": prompt_tokens, "backend": backend_name, "cuda_graph": graphed,
             "cache_layout": "static" if bundle.static else "dynamic",
             **({"device_mem_mb": device_mem} if device_mem is not None else {}),
@@ -150,9 +150,10 @@ def measure(path: Path, tokens: int, warmup: int, prompt_tokens: int, threads: i
 
 def kv_bytes_held(bundle: Any, new_tokens: int) -> int:
     """Bytes of the KV a bundle's step reads after `new_tokens` new tokens (its context tokens included)."""
-    tokens = new_tokens + bundle.context_tokens
-    item = {"float32": 4, "float16": 2, "bfloat16": 2}[bundle["kv_dtype"]]
-    return 2 * bundle["layers"] * bundle["kv_heads"] * bundle["head_dim"] * tokens * item
+    m = bundle.manifest
+    tokens = new_tokens + m.cached_tokens
+    item = {"float32": 4, "float16": 2, "bfloat16": 2}[m.kv_dtype]
+    return 2 * m.layers * m.kv_heads * m.head_dim * tokens * item
 
 
 def run_child(path: Path, args: argparse.Namespace) -> dict[str, Any]:

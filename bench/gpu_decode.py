@@ -103,8 +103,8 @@ def export_one(artifact: Path, out: Path, baseline: bool, precision: str, cache:
 
     manifest = run_export(ExportConfig(artifact=artifact, output=out, precision=precision, baseline=baseline,
                                        device=device, cache=cache))
-    return {"export_seconds": manifest["graph"]["export_seconds"], "weight_bytes": manifest["graph"]["weight_bytes"],
-            "bytes": {k: v["bytes"] for k, v in manifest["files"].items()}}
+    return {"export_seconds": manifest.graph["export_seconds"], "weight_bytes": manifest.graph["weight_bytes"],
+            "bytes": {k: v.bytes for k, v in manifest.files.items()}}
 
 
 class Exports:

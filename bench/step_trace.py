@@ -85,7 +85,7 @@ def measure(path: Path, warmup: int, tokens: int, traced: int, trace_file: Path)
     import torch                          # before onnxruntime: its CUDA libraries, and CUPTI through kineto
     from torch.profiler import ProfilerActivity, profile
 
-    from nectar_runtime.backends.ort import make_backend
+    from nectar_runtime.backends import make_backend
     from nectar_runtime.bundle import load_bundle
 
     if not torch.cuda.is_available():
@@ -93,37 +93,23 @@ def measure(path: Path, warmup: int, tokens: int, traced: int, trace_file: Path)
     bundle = load_bundle(path)
     if not bundle.static:
         raise SystemExit(f"step_trace: {path} has the dynamic cache layout; the CUDA graph needs a static one")
-    if 64 + warmup + 2 * tokens + traced > bundle["max_new_tokens"]:
-        raise SystemExit(f"step_trace: {path}'s window of {bundle['max_new_tokens']} tokens is too short")
-    token = iter(range(200, 200 + warmup + 2 * tokens + traced))
+    if 64 + warmup + tokens + traced > bundle.manifest.max_new_tokens:
+        raise SystemExit(f"step_trace: {path}'s window of {bundle.manifest.max_new_tokens} tokens is too short")
+    token = iter(range(200, 200 + warmup + tokens + traced))
     with make_backend(bundle, "ort-cuda") as backend:
         backend.reset(1)
         backend.step(np.arange(100, 164, dtype=np.int64)[None])               # a 64-token question
         for _ in range(warmup):                                                # capture, then warm replays
             backend.step(np.array([[next(token)]], dtype=np.int64))
-        steps = []
+        # each step whole (the wall time around backend.step) and in the parts the backend times inside it
+        steps: list[float] = []
+        parts: dict[str, list[float]] = {"update_inputs": [], "run": [], "fetch_logits": []}
         for _ in range(tokens):
             start = time.perf_counter()
             backend.step(np.array([[next(token)]], dtype=np.int64))
             steps.append((time.perf_counter() - start) * 1e3)
-        # the same step in parts: what backend.step does for one token, timed piece by piece
-        io, session, options = backend._decode_io, backend.session, backend._runs["1"]
-        parts: dict[str, list[float]] = {"update_inputs": [], "run": [], "fetch_logits": []}
-        position = bundle["first_position"] + backend._new
-        for i in range(tokens):
-            ids = np.array([[next(token)]], dtype=np.int64)
-            t0 = time.perf_counter()
-            io["input_ids"].update_inplace(ids)
-            io["position_ids"].update_inplace(np.array([[position + i]], dtype=np.int64))
-            io["cache_position"].update_inplace(np.array([bundle.context_tokens + backend._new + i], dtype=np.int64))
-            t1 = time.perf_counter()
-            session.run_with_iobinding(backend._decode, options)
-            t2 = time.perf_counter()
-            io["logits"].numpy()
-            t3 = time.perf_counter()
-            for name, ms in zip(parts, ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)):
-                parts[name].append(ms)
-        backend._new += tokens                                                  # those steps filled slots too
+            for name in parts:
+                parts[name].append(backend.last_step.parts[name])
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(traced):
                 backend.step(np.array([[next(token)]], dtype=np.int64))
@@ -135,7 +121,7 @@ def measure(path: Path, warmup: int, tokens: int, traced: int, trace_file: Path)
     if len(steps_seen) < 3:
         raise SystemExit(f"step_trace: the trace holds {len(steps_seen)} replays; expected {traced}")
     middle = max(steps_seen[1:-1], key=len)                                     # a whole replay, not an edge
-    return {"bundle": str(path), "kind": bundle.kind, "n": bundle["n"], "layers": bundle["layers"],
+    return {"bundle": str(path), "kind": bundle.kind, "n": bundle.manifest.n, "layers": bundle.manifest.layers,
             "step_ms": round(statistics.median(steps), 4),
             "host_ms": {k: round(statistics.median(v), 4) for k, v in parts.items()},
             "replays_traced": len(steps_seen), **summarize_step(middle)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -10,9 +9,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from nectar_graphs.files import staged_folder, write_json
-from nectar_runtime.bundle import (CONTEXT_FILE, FORMAT, MANIFEST, ONNX_FILE, TOKENIZER_FILE, BundleError,
-                                   file_entry)
+from nectar_graphs.files import staged_folder
+from nectar_runtime.bundle import (CONTEXT_FILE, MANIFEST, ONNX_FILE, TOKENIZER_FILE, BundleError, BundleManifest,
+                                   TensorSpec)
 
 EXTERNAL_DATA = "model.onnx.data"
 EXTERNAL_THRESHOLD = 1 << 30      # protobuf stops at 2 GB; move weights out well before that
@@ -57,8 +56,8 @@ def _check(path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def write_bundle(out: Path, model: ir.Model, tokenizer_json: str, manifest: dict[str, Any],
-                 context_kv: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+def write_bundle(out: Path, model: ir.Model, tokenizer_json: str, manifest: BundleManifest,
+                 context_kv: dict[str, np.ndarray] | None = None) -> BundleManifest:
     """Save graph, tokenizer and the context KV (the whole context or the exact tokens) into a temp folder, check,
     then rename."""
     out = Path(out).expanduser()
@@ -75,27 +74,17 @@ def write_bundle(out: Path, model: ir.Model, tokenizer_json: str, manifest: dict
             os.chmod(tmp / CONTEXT_FILE, 0o644)          # safetensors creates it owner-only
         names = [ONNX_FILE, TOKENIZER_FILE] + ([EXTERNAL_DATA] if external else []) + \
                 ([CONTEXT_FILE] if context_kv is not None else [])
-        manifest = dict(manifest, format=FORMAT, files={name: file_entry(tmp / name) for name in names})
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        manifest = manifest.with_files(tmp, names)
+        manifest.save(tmp)
     return manifest
 
 
-def io_spec(model: ir.Model) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Graph inputs and outputs as bundle.json entries {name, dtype, shape} (axis names for dynamic dims)."""
-    def entry(value: ir.Value) -> dict[str, Any]:
-        shape = [d if isinstance(d, int) else str(d) for d in value.shape] if value.shape is not None else None
-        return {"name": value.name, "dtype": np.dtype(value.dtype.numpy()).name, "shape": shape}
+def io_spec(model: ir.Model) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Graph inputs and outputs as bundle.json describes them (axis names for dynamic dims)."""
+    def entry(value: ir.Value) -> TensorSpec:
+        shape = tuple(d if isinstance(d, int) else str(d) for d in value.shape) if value.shape is not None else None
+        return TensorSpec(value.name, np.dtype(value.dtype.numpy()).name, shape)
     return [entry(v) for v in model.graph.inputs], [entry(v) for v in model.graph.outputs]
-
-
-def update_bundle_manifest(path: Path, key: str, value: Any, files: list[str] = ()) -> None:
-    """Set one manifest entry (e.g. an engine) and register new files, atomically."""
-    file = Path(path) / MANIFEST
-    manifest = json.loads(file.read_text())
-    manifest[key] = value
-    for name in files:
-        manifest["files"][name] = file_entry(Path(path) / name)
-    write_json(file, manifest)
 
 
 def tensors_with_dim(model: ir.Model, size: int) -> list[str]:

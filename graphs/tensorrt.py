@@ -126,11 +126,11 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: Profile, workspace
             "tensorrt_version": trt.__version__, "build_seconds": round(seconds, 3)}
 
 
-def _axis_ranges(batch: int, max_new_tokens: int, prompt_tokens: int, context_tokens: int) -> dict[str, Shape]:
+def _axis_ranges(batch: int, max_new_tokens: int, prompt_tokens: int, cached_tokens: int) -> dict[str, Shape]:
     """(min, opt, max) per named axis, such that every (P, T) a run can reach lies inside the box."""
     seq_opt = min(max(prompt_tokens, 1), max_new_tokens)
     past_opt = min(max_new_tokens // 2, max_new_tokens - seq_opt)
-    c = context_tokens
+    c = cached_tokens
     return {"batch": (1, 1, batch),
             "sequence": (1, seq_opt, max_new_tokens),
             "past_sequence": (c, c + past_opt, c + max_new_tokens - 1),
@@ -138,21 +138,21 @@ def _axis_ranges(batch: int, max_new_tokens: int, prompt_tokens: int, context_to
 
 
 def default_profile(inputs: list[dict], batch: int = 1, *, max_new_tokens: int, prompt_tokens: int,
-                    context_tokens: int = 0) -> Profile:
+                    cached_tokens: int = 0) -> Profile:
     """(min, opt, max) shapes for every bundle input with a named axis.
 
     A sequence makes calls with T >= 1 new tokens on top of P earlier ones, and P + T never exceeds the
     window: P + T <= max_new_tokens. So T in [1, max_new_tokens], P in [0, max_new_tokens - 1] and the
     mask length P + T in [1, max_new_tokens]. Opt shapes satisfy total = past + sequence: a prompt of
     `prompt_tokens` after min(max_new_tokens // 2, max_new_tokens - prompt_tokens) earlier tokens.
-    A bundle's past starts with its context tokens (the whole context of a full bundle, the exact tokens of
-    a Nectar one): pass context_tokens and past and total shift by it. Integer dimensions are kept as they
+    A bundle's past starts with its cached tokens (the whole context of a full bundle, the exact tokens of
+    a Nectar one): pass cached_tokens and past and total shift by it. Integer dimensions are kept as they
     are (min = opt = max).
     """
-    if batch < 1 or max_new_tokens < 1 or context_tokens < 0:
-        raise ValueError(f"need batch >= 1, max_new_tokens >= 1, context_tokens >= 0; got {batch}, "
-                         f"{max_new_tokens}, {context_tokens}")
-    ranges = _axis_ranges(batch, max_new_tokens, prompt_tokens, context_tokens)
+    if batch < 1 or max_new_tokens < 1 or cached_tokens < 0:
+        raise ValueError(f"need batch >= 1, max_new_tokens >= 1, cached_tokens >= 0; got {batch}, "
+                         f"{max_new_tokens}, {cached_tokens}")
+    ranges = _axis_ranges(batch, max_new_tokens, prompt_tokens, cached_tokens)
     profile: Profile = {}
     for spec in inputs:
         shape = spec["shape"]

@@ -13,15 +13,16 @@ from typing import Any
 import torch
 
 from nectar_graphs.step import StepModule
+from nectar_runtime.bundle import past_names, present_names
 
 OPSET = 20
 IR_VERSION = 10          # ONNX Runtime 1.31 reads IR <= 13 and TensorRT 10/11's parser IR <= 10 (onnx 1.16)
 
 
 def io_names(layers: int, static: bool = False) -> tuple[list[str], list[str]]:
-    """Input and output names of the step graph (the Hugging Face / Optimum convention)."""
-    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    """Input and output names of the step graph (the Hugging Face / Optimum convention, spelled in
+    nectar_runtime.bundle)."""
+    past, present = past_names(layers), present_names(layers)
     third = "cache_position" if static else "attention_mask"
     return ["input_ids", "position_ids", third, *past], ["logits", *present]
 

@@ -1,22 +1,205 @@
-"""The fitted artifact: nectar.safetensors + nectar.json (+ ablation heads), written atomically."""
+"""The fitted artifact, and the only reader and writer of its files.
+
+    nectar.json                 ArtifactManifest: the model, the context, the new-token window, the fit's config
+                                and metrics, the head variants' files and shapes, eval's report once measured
+    nectar.safetensors          the 'nectar' variant's heads (tensors `layers.{i}.{name}`)
+    ablations/{variant}.safetensors   the baselines fitted at equal parameters (quadrature, uniform_allocation)
+    heldout.json                HeldOut: the context's token ids and the held-out test samples
+
+The folder is written atomically. Format "nectar-artifact/1" is the only one there has been.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nectar_export import __version__
+from nectar_export.config import FitConfig
 from nectar_export.errors import NectarError
 from nectar_export.heads import MLPPair, Pair, QuadraturePair
+from nectar_export.samples import Sample
 from nectar_graphs.files import staged_folder, write_json
+from nectar_runtime.fields import Fields
 
 FORMAT = "nectar-artifact/1"
 MANIFEST = "nectar.json"
 WEIGHTS = "nectar.safetensors"
+HELDOUT = "heldout.json"
+FIX = "refit the artifact with `nectar-export fit`"
+MAX_TOKENS = 1 << 24
+
+
+def _fields(data: Any, where: str) -> Fields:
+    return Fields(data, where, NectarError, FIX)
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """The base model the heads were fitted for, and the attention shape they follow."""
+
+    source: str
+    fingerprint: str
+    model_type: str
+    layers: int
+    kv_heads: int
+    query_heads: int
+    head_dim: int
+    scaling: float                  # the softmax scale of the model's attention
+    max_positions: int
+
+    @classmethod
+    def from_json(cls, f: Fields) -> "ModelRecord":
+        return cls(source=f.get("source", str), fingerprint=f.get("fingerprint", str),
+                   model_type=f.get("model_type", str), layers=f.count("layers", 1, 1024),
+                   kv_heads=f.count("kv_heads", 1, 4096), query_heads=f.count("query_heads", 1, 4096),
+                   head_dim=f.count("head_dim", 1, 4096), scaling=f.number("scaling"),
+                   max_positions=f.count("max_positions", 1, MAX_TOKENS))
+
+
+@dataclass(frozen=True)
+class ContextRecord:
+    """The n context tokens the heads replace, and which of them stay exact (the first sinks, the last window)."""
+
+    source: str
+    sha256: str
+    n: int
+    sinks: int
+    window: int
+    document_tokens: int            # how many of the n tokens are document (the rest is the chat prefix)
+    prefix_text: str                # chat-template text before the document
+    question_template: str          # str.format text after the document; "{question}" marks the user's text
+
+    @classmethod
+    def from_json(cls, f: Fields) -> "ContextRecord":
+        n = f.count("n", 1, MAX_TOKENS)
+        return cls(source=f.get("source", str), sha256=f.get("sha256", str), n=n, sinks=f.count("sinks", 0, n),
+                   window=f.count("window", 0, n), document_tokens=f.count("document_tokens", 0, n),
+                   prefix_text=f.get("prefix_text", str), question_template=f.get("question_template", str))
+
+
+@dataclass(frozen=True)
+class VariantRecord:
+    """One head set: its weights file (inside the artifact) and each layer's pair shape."""
+
+    file: str
+    layers: tuple[dict[str, Any], ...]
+
+    @classmethod
+    def from_json(cls, f: Fields, layers: int) -> "VariantRecord":
+        file = f.get("file", str)
+        if Path(file).is_absolute() or ".." in Path(file).parts:
+            raise f.fail("file", "a path inside the artifact folder")
+        shapes = f.get("layers", list, expected="a list of pair shapes")
+        if len(shapes) != layers:
+            raise f.fail("layers", f"{layers} pair shapes, one per model layer")
+        return cls(file=file, layers=tuple(_pair_shape(_fields(s, f"{f.where} layers[{i}]"))
+                                           for i, s in enumerate(shapes)))
+
+
+def _pair_shape(f: Fields) -> dict[str, Any]:
+    family = f.choice("family", ("mlp", "quadrature"))
+    if family == "quadrature":
+        return {"family": family, "slots": f.count("slots", 1, 1 << 20)}
+    return {"family": family, "target_hidden": f.count("target_hidden", 1, 1 << 20),
+            "score_hidden": f.count("score_hidden", 1, 1 << 20)}
+
+
+@dataclass(frozen=True)
+class ArtifactManifest:
+    """nectar.json, typed and validated. `fit` and `eval` are the measured reports (free-form, as measured)."""
+
+    model: ModelRecord
+    context: ContextRecord
+    max_new_tokens: int             # the new-token window after the context (fit --reserve)
+    config: FitConfig
+    fit: dict[str, Any]
+    variants: dict[str, VariantRecord] = field(default_factory=dict)
+    eval: dict[str, Any] | None = None
+    code_version: str = __version__
+
+    @property
+    def n(self) -> int:
+        return self.context.n
+
+    @property
+    def exact_tokens(self) -> tuple[int, int]:
+        """(sinks, window): context tokens kept as exact KV at the start and at the end."""
+        return self.context.sinks, self.context.window
+
+    @property
+    def nectar_params(self) -> int:
+        """Numbers the 'nectar' variant stores per context (exact tokens' KV included)."""
+        return int(self.fit["nectar_params"])
+
+    @property
+    def kv_entries(self) -> int:
+        return int(self.fit["kv_entries"])
+
+    def variant_params(self, variant: str) -> int | None:
+        return self.fit.get("variants", {}).get(variant, {}).get("params")
+
+    def to_json(self) -> dict[str, Any]:
+        data = {"format": FORMAT, "code_version": self.code_version, "model": dataclasses.asdict(self.model),
+                "context": dataclasses.asdict(self.context),
+                "positions": {"first_new": self.n, "max_new_tokens": self.max_new_tokens},
+                "config": self.config.to_json(), "fit": self.fit,
+                "variants": {name: {"file": v.file, "layers": list(v.layers)} for name, v in self.variants.items()}}
+        if self.eval is not None:
+            data["eval"] = self.eval
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = MANIFEST) -> "ArtifactManifest":
+        f = _fields(data, where)
+        if data.get("format") != FORMAT:
+            raise NectarError(f"{where} has format {data.get('format')!r}; this version reads {FORMAT!r}")
+        model = ModelRecord.from_json(f.child("model"))
+        context = ContextRecord.from_json(f.child("context"))
+        positions = f.child("positions")
+        variants = {name: VariantRecord.from_json(_fields(v, f"{where} variants[{name!r}]"), model.layers)
+                    for name, v in f.get("variants", dict).items()}
+        try:
+            config = FitConfig.from_json(f.get("config", dict))
+        except (NectarError, TypeError, ValueError) as exc:
+            raise NectarError(f"{where}: config is not a fit configuration ({exc}); {FIX}") from None
+        return cls(model=model, context=context, max_new_tokens=positions.count("max_new_tokens", 1, MAX_TOKENS),
+                   config=config, fit=f.get("fit", dict), variants=variants, eval=f.get("eval", dict, None),
+                   code_version=f.get("code_version", str, ""))
+
+    def save(self, folder: Path) -> None:
+        """Write nectar.json atomically (temp file, then rename)."""
+        write_json(folder / MANIFEST, self.to_json())
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """heldout.json: the context's token ids and the test samples nothing in fit sees."""
+
+    context_ids: tuple[int, ...]
+    test: tuple[Sample, ...]
+
+    def questions(self, limit: int | None = None) -> list[Sample]:
+        """The test samples that are questions (self-study, prompts), at most `limit`."""
+        return [s for s in self.test if s.question][:limit]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"context_ids": list(self.context_ids),
+                "test": [{"source": s.source, "ids": list(s.ids), "question": s.question} for s in self.test]}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = HELDOUT) -> "HeldOut":
+        f = _fields(data, where)
+        test = []
+        for i, item in enumerate(f.get("test", list)):
+            s = _fields(item, f"{where} test[{i}]")
+            test.append(Sample(s.get("source", str), s.ints("ids"), s.get("question", (str, type(None)), None)))
+        return cls(context_ids=f.ints("context_ids"), test=tuple(test))
 
 
 @dataclass
@@ -24,18 +207,19 @@ class Artifact:
     """A loaded artifact: its manifest and the heads of each variant ('nectar' and any ablations)."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: ArtifactManifest
     heads: dict[str, list[Pair]]
 
     @property
     def n(self) -> int:
-        return int(self.manifest["context"]["n"])
+        return self.manifest.n
 
     @property
     def exact_tokens(self) -> tuple[int, int]:
-        """(sinks, window): context tokens kept as exact KV at the start and at the end."""
-        ctx = self.manifest["context"]
-        return int(ctx["sinks"]), int(ctx["window"])
+        return self.manifest.exact_tokens
+
+    def heldout(self) -> HeldOut:
+        return read_heldout(self.path)
 
 
 def pair_shape(pair: Pair) -> dict[str, Any]:
@@ -65,76 +249,89 @@ def check_output(out: Path) -> None:
         raise NectarError(f"{out} exists and is not a Nectar artifact; choose an empty or new -o folder")
 
 
-def save_artifact(out: Path, manifest: dict[str, Any], heads: dict[str, list[Pair]],
-                  extra: dict[str, str] | None = None) -> None:
-    """Write every variant's weights and the manifest into a temp folder, then move it into place."""
+def save_artifact(out: Path, manifest: ArtifactManifest, heads: dict[str, list[Pair]],
+                  heldout: HeldOut | None = None) -> ArtifactManifest:
+    """Write every variant's weights, heldout.json and the manifest into a temp folder, then move it into place."""
     from safetensors.torch import save_file
 
     out = out.expanduser()
     check_output(out)
-    manifest = dict(manifest, format=FORMAT, code_version=__version__,
-                    variants={v: {"file": _weights_file(v), "layers": [pair_shape(p) for p in pairs]}
-                              for v, pairs in heads.items()})
+    manifest = dataclasses.replace(manifest, variants={
+        v: VariantRecord(_weights_file(v), tuple(pair_shape(p) for p in pairs)) for v, pairs in heads.items()})
     with staged_folder(out) as tmp:
         for variant, pairs in heads.items():
             target = tmp / _weights_file(variant)
             target.parent.mkdir(parents=True, exist_ok=True)
             save_file(_tensors(pairs), str(target), metadata={"format": FORMAT, "variant": variant})
-        for name, text in (extra or {}).items():
-            (tmp / name).write_text(text)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-
-
-def update_manifest(path: Path, key: str, value: Any) -> None:
-    """Set one top-level manifest entry (e.g. measured metrics), atomically."""
-    file = path / MANIFEST
-    write_json(file, dict(json.loads(file.read_text()), **{key: value}))
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    file = Path(path).expanduser() / MANIFEST
-    if not file.is_file():
-        raise NectarError(f"{path} is not a Nectar artifact (no {MANIFEST}); create one with `nectar-export fit`")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise NectarError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if manifest.get("format") != FORMAT:
-        raise NectarError(f"{file} has format {manifest.get('format')!r}; this version reads {FORMAT!r}")
+        if heldout is not None:
+            (tmp / HELDOUT).write_text(json.dumps(heldout.to_json()))
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2))
     return manifest
 
 
-def check_compatible(manifest: dict[str, Any], model_fingerprint: str, context_sha: str | None = None) -> None:
+def _read_json(file: Path, what: str) -> Any:
+    if not file.is_file():
+        raise NectarError(f"{file.parent} is not a Nectar artifact (no {file.name}); {what}")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NectarError(f"{file} is not valid JSON ({exc}); {FIX}") from None
+
+
+def read_manifest(path: Path) -> ArtifactManifest:
+    """nectar.json of an artifact folder, parsed and validated; NectarError when absent or damaged."""
+    file = Path(path).expanduser() / MANIFEST
+    return ArtifactManifest.from_json(_read_json(file, "create one with `nectar-export fit`"), str(file))
+
+
+def read_heldout(path: Path) -> HeldOut:
+    """heldout.json of an artifact folder; NectarError when absent or damaged."""
+    file = Path(path).expanduser() / HELDOUT
+    return HeldOut.from_json(_read_json(file, f"its held-out split is gone; {FIX}"), str(file))
+
+
+def record_eval(path: Path, report: dict[str, Any]) -> None:
+    """Store eval's report in nectar.json (atomically)."""
+    path = Path(path).expanduser()
+    dataclasses.replace(read_manifest(path), eval=report).save(path)
+
+
+def check_compatible(manifest: ArtifactManifest, model_fingerprint: str, context_sha: str | None = None) -> None:
     """Refuse an artifact fitted for another model or another context, naming both fingerprints."""
-    want = manifest["model"]["fingerprint"]
+    want = manifest.model.fingerprint
     if want != model_fingerprint:
         raise NectarError(f"artifact was fitted for model {want[:16]}, but the loaded model is "
                           f"{model_fingerprint[:16]}; pass the model it was fitted with")
-    if context_sha is not None and context_sha != manifest["context"]["sha256"]:
-        raise NectarError(f"artifact was fitted for context {manifest['context']['sha256'][:16]}, but this "
+    if context_sha is not None and context_sha != manifest.context.sha256:
+        raise NectarError(f"artifact was fitted for context {manifest.context.sha256[:16]}, but this "
                           f"context is {context_sha[:16]}; refit for the new document")
+
+
+def _load_pairs(path: Path, spec: VariantRecord, model: ModelRecord) -> list[Pair]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path / spec.file))
+    except (FileNotFoundError, SafetensorError, OSError) as exc:
+        raise NectarError(f"cannot read {path / spec.file}: {exc}") from None
+    pairs = []
+    for i, shape in enumerate(spec.layers):
+        pair = _make_pair(shape, model.kv_heads, model.head_dim)
+        prefix = f"layers.{i}."
+        try:
+            pair.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        except RuntimeError as exc:
+            raise NectarError(f"{path / spec.file} does not hold layer {i}'s heads as nectar.json describes them "
+                              f"({str(exc).splitlines()[0]}); {FIX}") from None
+        pairs.append(pair.eval())
+    return pairs
 
 
 def load_artifact(path: Path, model_fingerprint: str, context_sha: str | None = None) -> Artifact:
     """Read an artifact's manifest and heads after checking it belongs to this model (and context)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path).expanduser()
     manifest = read_manifest(path)
     check_compatible(manifest, model_fingerprint, context_sha)
-    heads_per_layer, dim = manifest["model"]["kv_heads"], manifest["model"]["head_dim"]
-    heads: dict[str, list[Pair]] = {}
-    for variant, spec in manifest["variants"].items():
-        try:
-            tensors = load_file(str(path / spec["file"]))
-        except (FileNotFoundError, SafetensorError, OSError) as exc:
-            raise NectarError(f"cannot read {path / spec['file']}: {exc}") from None
-        pairs = []
-        for i, shape in enumerate(spec["layers"]):
-            pair = _make_pair(shape, heads_per_layer, dim)
-            prefix = f"layers.{i}."
-            pair.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-            pairs.append(pair.eval())
-        heads[variant] = pairs
+    heads = {variant: _load_pairs(path, spec, manifest.model) for variant, spec in manifest.variants.items()}
     return Artifact(path=path, manifest=manifest, heads=heads)

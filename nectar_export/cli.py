@@ -12,9 +12,7 @@ from typing import Any, Callable
 import click
 
 from nectar_export.errors import NectarError
-
-QUICK = {"continuation": (24, 4, 12), "repeat": (8, 2, 4), "self_study": (24, 4, 20), "epochs": 12}
-
+from nectar_runtime.backends import BACKEND_NAMES
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Print a user error (any NectarError, the root of every stage's errors) as one line and exit 2, without a
@@ -71,7 +69,7 @@ def fit(output: str, quick: bool, epochs: int | None, device: str, **options: An
     """Fit Nectar heads for a model and a document and write the artifact."""
     from nectar_export.config import FitConfig
 
-    config = FitConfig(**options, **(QUICK if quick else {}))
+    config = FitConfig.recipe("quick" if quick else "default", **options)
     if epochs is not None:
         config = dataclasses.replace(config, epochs=epochs)
 
@@ -116,9 +114,9 @@ def export_command(artifact: str, output: str, **options: Any) -> None:
     from nectar_export.export import ExportConfig, run_export
 
     manifest = run_export(ExportConfig(artifact=Path(artifact), output=Path(output), **options))
-    graph = manifest["graph"]
-    click.echo(f"wrote {output}: {manifest['kind']} {manifest['precision']} graph, "
-               f"{manifest['files']['model.onnx']['bytes']:,} bytes, {sum(graph['op_counts'].values())} nodes; "
+    graph = manifest.graph
+    click.echo(f"wrote {output}: {manifest.kind} {manifest.precision} graph, "
+               f"{manifest.files['model.onnx'].bytes:,} bytes, {sum(graph['op_counts'].values())} nodes; "
                f"lint: {len(graph['lint']['unsupported_ops'])} operators TensorRT lacks")
 
 
@@ -126,7 +124,8 @@ def export_command(artifact: str, output: str, **options: Any) -> None:
 @click.argument("bundle", type=click.Path())
 @click.option("--prompts", type=int, default=24, show_default=True, help="Held-out questions to run.")
 @click.option("--steps", type=int, default=10, show_default=True, help="Greedy decode steps after each prompt.")
-@click.option("--backend", default="ort-cpu", show_default=True, type=click.Choice(["ort-cpu", "ort-cuda"]))
+@click.option("--backend", default="ort-cpu", show_default=True, type=click.Choice(BACKEND_NAMES),
+              help="Where the graph runs; the logits and the present KV are compared on every backend.")
 @click.option("--model", default=None, help="Model to load instead of the one recorded in the bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @friendly_errors
@@ -159,14 +158,11 @@ def build(bundle: str, engine: str, profile: str | None) -> None:
                f"{info['build_seconds']:.0f} s)")
 
 
-RUNTIME_BACKENDS = ["ort-cpu", "ort-cuda", "tensorrt"]
-
-
 def decoding_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options run and chat share: backend and sampling."""
     options = [
         click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Answer tokens at most."),
-        click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default="ort-cpu", show_default=True),
+        click.option("--backend", type=click.Choice(BACKEND_NAMES), default="ort-cpu", show_default=True),
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 means greedy."),
         click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest (0: off)."),
         click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass (1: off)."),

@@ -9,6 +9,15 @@ from nectar_export.errors import NectarError
 
 FAMILIES = ("mlp", "quadrature")
 ALLOCATIONS = ("adaptive", "uniform")
+# Named recipes: the fields each one changes from the measured defaults.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    # `fit --quick`: fewer samples and epochs; a demo in minutes, lower quality
+    "quick": {"continuation": (24, 4, 12), "repeat": (8, 2, 4), "self_study": (24, 4, 20), "epochs": 12},
+    # heads of the right shape and nothing more: for decode-speed benchmarks, whose timing ignores the weights
+    "shape": {"continuation": (16, 4, 2), "repeat": (4, 1, 1), "self_study": (4, 1, 1), "answer_tokens": 16,
+              "epochs": 1, "ablations": False},
+}
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,13 @@ class FitConfig:
             raise NectarError(f"--reserve must be at least 1 new-token position, got {self.reserve}")
         if self.context_tokens is not None and self.context_tokens < 16:
             raise NectarError(f"--context-tokens must be at least 16, got {self.context_tokens}")
+
+    @classmethod
+    def recipe(cls, name: str, **fields: Any) -> "FitConfig":
+        """The named recipe (RECIPES) with `fields` on top."""
+        if name not in RECIPES:
+            raise NectarError(f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}")
+        return cls(**{**RECIPES[name], **fields})
 
     def head_budget(self, n: int, dim: int) -> int:
         """Parameters per (layer, KV-head), exact tokens included: --head-params, or the fraction of 2*n*d."""

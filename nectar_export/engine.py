@@ -2,32 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from nectar_export.errors import NectarError
 
-
 def build_tensorrt(path: Path, profile_text: str | None = None) -> dict[str, Any]:
     """Build model.plan with one optimization profile (batch, new tokens, past) and record it in bundle.json."""
-    from nectar_graphs.bundle_writer import update_bundle_manifest
     from nectar_graphs.tensorrt import build_engine, default_profile, parse_profile
+    from nectar_runtime.backends.tensorrt import STATIC_REFUSED
     from nectar_runtime.bundle import ENGINE_FILE, load_bundle
 
     bundle = load_bundle(path, check_hashes=True)
-    limits = {"batch": 1, "sequence": 128, "past": bundle["max_new_tokens"]}
-    if profile_text:
-        try:
-            limits.update(parse_profile(profile_text))
-        except ValueError as exc:
-            raise NectarError(f"--profile: {exc}") from None
-    context = bundle.context_tokens        # the past starts with the context's (or the exact tokens') KV
+    manifest = bundle.manifest
+    if manifest.static:
+        raise NectarError(STATIC_REFUSED.format(path=bundle.path))
+    limits = {"batch": 1, "sequence": 128, "past": manifest.max_new_tokens}
     try:
-        profile = default_profile(bundle["inputs"], batch=limits["batch"], max_new_tokens=limits["past"],
-                                  prompt_tokens=min(limits["sequence"], limits["past"]), context_tokens=context)
+        if profile_text:
+            limits.update(parse_profile(profile_text))
+        # the past starts with the cached tokens' KV (the whole context, or the exact tokens)
+        profile = default_profile([s.to_json() for s in manifest.inputs], batch=limits["batch"],
+                                  max_new_tokens=limits["past"], prompt_tokens=min(limits["sequence"], limits["past"]),
+                                  cached_tokens=manifest.cached_tokens)
     except ValueError as exc:
         raise NectarError(f"--profile: {exc}") from None
     info = build_engine(bundle.onnx_path, bundle.path / ENGINE_FILE, profile)
-    engines = dict(bundle.manifest.get("engines", {}), tensorrt=info)
-    update_bundle_manifest(bundle.path, "engines", engines, files=[ENGINE_FILE])
+    updated = dataclasses.replace(manifest, engines={**manifest.engines, "tensorrt": info})
+    updated.with_files(bundle.path, [ENGINE_FILE]).save(bundle.path)
     return info

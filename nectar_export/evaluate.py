@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from nectar_export.artifact import Artifact, load_artifact, read_manifest, update_manifest
+from nectar_export.artifact import Artifact, load_artifact, read_manifest, record_eval
 from nectar_export.attention import ContextAttention, exact_partial, forward, nectar_mode
 from nectar_export.queries import collect, targets
 from nectar_export.errors import NectarError
@@ -121,21 +121,42 @@ def run_eval(path: Path, model_spec: str | None = None, questions_limit: int | N
     """Measure the artifact on its held-out split; stores and returns the metrics."""
     path = Path(path).expanduser()
     manifest = read_manifest(path)
-    loaded = load_model(model_spec or manifest["model"]["source"])
+    loaded = load_model(model_spec or manifest.model.source)
     artifact: Artifact = load_artifact(path, loaded.fingerprint)
     model, tokenizer = loaded.model, loaded.tokenizer
-    heldout = json.loads((path / "heldout.json").read_text())
-    n, shape, scaling = artifact.n, manifest["model"], manifest["model"]["scaling"]
-    cache = prefill(model, heldout["context_ids"])
+    heldout = artifact.heldout()
+    n, shape, scaling = artifact.n, dataclasses.asdict(manifest.model), manifest.model.scaling
+    cache = prefill(model, heldout.context_ids)
     exact = cache.exact_index(*artifact.exact_tokens)
-    fit = manifest["fit"]
-    k = window_size(fit["nectar_params"], n, shape)
+    k = window_size(manifest.nectar_params, n, shape)
     methods: dict[str, list[Any]] = {"full": cache.exact(), "no_context": [None] * shape["layers"],
                                      "recent_window": cache.sink_window(WINDOW_SINKS, k)}
     for variant, pairs in artifact.heads.items():
         methods[variant] = heads_contexts(pairs, cache, exact)
-    samples = [Sample(s["source"], tuple(s["ids"]), s["question"]) for s in heldout["test"]]
+    samples = list(heldout.test)
     tf = teacher_forced(model, samples, methods, n)
+    errors = layer_error_table(model, cache, samples, artifact, exact, k, scaling)
+    questions = heldout.questions(questions_limit)
+    template = manifest.context.question_template
+    prompts = [question_ids(tokenizer, template, s.question) for s in questions]
+    answers = {m: generate(model, prompts, ctx, n, Sampling(max_new_tokens=ANSWER_TOKENS), stop_ids(tokenizer),
+                           pad_id(tokenizer), desc=f"answers {m}") for m, ctx in methods.items()}
+    gen = generation_metrics(answers, tokenizer)
+    report = method_report(tf["nectar"], errors["nectar"], gen["nectar"])
+    report.update({"nectar_params": manifest.nectar_params, "kv_entries": manifest.kv_entries,
+                   "n": n, "window_tokens": k, "questions": len(questions),
+                   "tokens_scored": tf["nectar"]["headline"]["tokens"],
+                   "baselines": {m: method_report(tf[m], errors[m], gen[m]) for m in methods if m not in ("full", "nectar")}})
+    for name in ("quadrature", "uniform_allocation"):
+        if name in report["baselines"]:
+            report["baselines"][name]["params"] = manifest.variant_params(name)
+    record_eval(path, report)
+    return report
+
+
+def layer_error_table(model: Any, cache: ContextCache, samples: Sequence[Sample], artifact: Artifact,
+                      exact: torch.Tensor, k: int, scaling: float) -> dict[str, list[dict[str, float]]]:
+    """Per method, each layer's held-out errors of the merged attention output and of the log-normalizer."""
     queries = collect(model, cache, samples, desc="test queries")
     test = targets(queries, cache, exact, scaling)
     errors = {m: [layer_errors(p, d, scaling) for p, d in zip(pairs, test)] for m, pairs in artifact.heads.items()}
@@ -143,32 +164,18 @@ def run_eval(path: Path, model_spec: str | None = None, questions_limit: int | N
     for name, keys in baseline_keys.items():       # a baseline keeps its tokens exact and drops the rest
         data = targets(queries, cache, keys, scaling, desc=f"{name} targets")
         errors[name] = [layer_errors(drop_all, d, scaling) for d in data]
-    questions = [s for s in samples if s.question is not None][:questions_limit]
-    template = manifest["context"]["question_template"]
-    prompts = [question_ids(tokenizer, template, s.question) for s in questions]
-    answers = {m: generate(model, prompts, ctx, n, Sampling(max_new_tokens=ANSWER_TOKENS), stop_ids(tokenizer),
-                           pad_id(tokenizer), desc=f"answers {m}") for m, ctx in methods.items()}
-    gen = generation_metrics(answers, tokenizer)
+    return errors
 
-    def block(method: str) -> dict[str, Any]:
-        return {"top1_agreement": tf[method]["headline"]["top1"], "kl": tf[method]["headline"]["kl"],
-                "top1_by_source": {s: v["top1"] for s, v in tf[method].items() if s != "headline"},
-                "kl_by_source": {s: v["kl"] for s, v in tf[method].items() if s != "headline"},
-                "approx_error_by_layer": [round(e["approx_error"], 5) for e in errors[method]],
-                # baselines without a score network have no lse estimate: null, not Infinity (invalid JSON)
-                "lse_error_by_layer": [round(e["lse_error"], 5) if math.isfinite(e["lse_error"]) else None
-                                       for e in errors[method]],
-                "generation_similarity": gen[method]["similarity"],
-                "generation_prefix_match": gen[method]["prefix_match"]}
 
-    report = block("nectar")
-    report.update({"nectar_params": fit["nectar_params"], "kv_entries": fit["kv_entries"],
-                   "n": n, "window_tokens": k, "questions": len(questions),
-                   "tokens_scored": tf["nectar"]["headline"]["tokens"],
-                   "baselines": {m: block(m) for m in methods if m not in ("full", "nectar")}})
-    for name, params in (("quadrature", "quadrature"), ("uniform_allocation", "uniform_allocation")):
-        if name in report["baselines"]:
-            report["baselines"][name]["params"] = fit["variants"][params]["params"]
-    update_manifest(path, "eval", report)
-    return report
-
+def method_report(tf: dict[str, dict[str, float]], errors: list[dict[str, float]],
+                  gen: dict[str, float]) -> dict[str, Any]:
+    """One method's block of the report: teacher-forced metrics, layer errors, generation metrics."""
+    return {"top1_agreement": tf["headline"]["top1"], "kl": tf["headline"]["kl"],
+            "top1_by_source": {s: v["top1"] for s, v in tf.items() if s != "headline"},
+            "kl_by_source": {s: v["kl"] for s, v in tf.items() if s != "headline"},
+            "approx_error_by_layer": [round(e["approx_error"], 5) for e in errors],
+            # baselines without a score network have no lse estimate: null, not Infinity (invalid JSON)
+            "lse_error_by_layer": [round(e["lse_error"], 5) if math.isfinite(e["lse_error"]) else None
+                                   for e in errors],
+            "generation_similarity": gen["similarity"],
+            "generation_prefix_match": gen["prefix_match"]}

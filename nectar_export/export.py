@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +11,12 @@ from typing import Any
 import torch
 
 from nectar_export import __version__
-from nectar_export.artifact import load_artifact, read_manifest
+from nectar_export.artifact import ArtifactManifest, load_artifact, read_manifest
 from nectar_export.errors import NectarError
 from nectar_export.models import check_device, load_model
 from nectar_export.prefill import ContextCache, prefill
 from nectar_export.samples import pad_id, stop_ids
+from nectar_runtime.bundle import BundleManifest, Source
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 CACHE_LAYOUTS = ("dynamic", "static")
@@ -60,15 +60,25 @@ class Stages:
         self.bar.close()
 
 
-def run_export(config: ExportConfig) -> dict[str, Any]:
+@dataclass
+class Traced:
+    """What export keeps of the torch side once the graph is traced: the graph, the past a sequence starts from,
+    and the numbers the bundle records about the model (the model itself is released)."""
+
+    graph: Any
+    cache: ContextCache
+    params: dict[str, int]
+    base_params: int
+    vocab_size: int
+    fingerprint: str
+    tokenizer: Any
+
+
+def run_export(config: ExportConfig) -> BundleManifest:
     """Build the bundle for an artifact; returns its manifest."""
-    from nectar_graphs.bundle_writer import (check_bundle_output, io_spec, structure_proto, tensors_with_dim, weight_bytes,
-                                      write_bundle)
-    from nectar_graphs.trace import IR_VERSION, OPSET, export_step
+    from nectar_graphs.bundle_writer import check_bundle_output, io_spec, structure_proto, write_bundle
     from nectar_graphs.lint import lint
-    from nectar_graphs.passes import (cleanup, convert_precision, fold_constants, fuse_sibling_matmuls,
-                                      op_counts)
-    from nectar_graphs.step import StepModule, nectar_contexts
+    from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls
 
     if config.precision not in PRECISIONS:
         raise NectarError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -76,75 +86,87 @@ def run_export(config: ExportConfig) -> dict[str, Any]:
         raise NectarError(f"unknown cache layout {config.cache!r}; choose one of {', '.join(CACHE_LAYOUTS)}")
     check_bundle_output(config.output)
     manifest = read_manifest(config.artifact)
-    loaded = load_model(config.model or manifest["model"]["source"])
-    artifact = load_artifact(config.artifact, loaded.fingerprint)
-    if config.variant not in artifact.heads:
-        raise NectarError(f"artifact has no variant {config.variant!r}; it has {', '.join(artifact.heads)}")
-    model, tokenizer = loaded.model, loaded.tokenizer
-    _check_sliding_window(model.config, artifact.n + manifest["positions"]["max_new_tokens"])
-    heldout = json.loads((Path(config.artifact).expanduser() / "heldout.json").read_text())
-    device, static = check_device(config.device), config.cache == "static"
-    pairs = None
-    if config.baseline:                      # the context's KV leaves the device in the bundle's precision
-        cache = context_cache(model, heldout["context_ids"], device, dtype=TORCH_DTYPES[config.precision])
-        step = StepModule(model, None, config.all_logits, static)
-    else:                                    # only the exact tokens' KV leaves the device
-        cache = context_cache(model, heldout["context_ids"], device, exact=artifact.exact_tokens)
-        pairs = artifact.heads[config.variant]
-        step = StepModule(model, nectar_contexts(pairs), config.all_logits, static)
     # converting before fusing: the fused q|k|v and gate|up copies are made in the low precision
     passes = [fold_constants, convert_precision(config.precision), fuse_sibling_matmuls, cleanup]
     stage = Stages(["torch.onnx.export", *[p.__name__ for p in passes], "lint", "write"])
+    try:
+        traced = trace_step(config, manifest, stage)
+        reports = []
+        for graph_pass in passes:
+            stage(graph_pass.__name__)
+            reports.append(graph_pass(traced.graph))
+        inputs, outputs = io_spec(traced.graph)
+        kv_dtype = inputs[3].dtype
+        # the past a sequence starts from: the whole context's KV (baseline) or the exact tokens' (Nectar)
+        context_kv = _context_kv(traced.cache, kv_dtype) if traced.cache.n else None
+        stage("lint")
+        report = lint(structure_proto(traced.graph))
+        stage("write")
+        bundle = bundle_manifest(config, manifest, traced, reports, report, inputs, outputs)
+        bundle.graph["export_seconds"] = stage.seconds       # the write stage's own time is not in the file
+        return write_bundle(config.output, traced.graph, traced.tokenizer.backend_tokenizer.to_str(), bundle,
+                            context_kv)
+    finally:
+        stage.close()
+
+
+def trace_step(config: ExportConfig, manifest: ArtifactManifest, stage: Stages) -> Traced:
+    """Load the model and heads, prefill the context, trace the step module; the torch model is let go after."""
+    from nectar_graphs.step import StepModule, nectar_contexts
+    from nectar_graphs.trace import export_step
+
+    loaded = load_model(config.model or manifest.model.source)
+    artifact = load_artifact(config.artifact, loaded.fingerprint)
+    if config.variant not in artifact.heads:
+        raise NectarError(f"artifact has no variant {config.variant!r}; it has {', '.join(artifact.heads)}")
+    model = loaded.model
+    _check_sliding_window(model.config, artifact.n + manifest.max_new_tokens)
+    context_ids = artifact.heldout().context_ids
+    device, static = check_device(config.device), config.cache == "static"
+    pairs = None
+    if config.baseline:                      # the context's KV leaves the device in the bundle's precision
+        cache = context_cache(model, context_ids, device, dtype=TORCH_DTYPES[config.precision])
+        step = StepModule(model, None, config.all_logits, static)
+    else:                                    # only the exact tokens' KV leaves the device
+        cache = context_cache(model, context_ids, device, exact=artifact.exact_tokens)
+        pairs = artifact.heads[config.variant]
+        step = StepModule(model, nectar_contexts(pairs), config.all_logits, static)
     stage("torch.onnx.export")
     graph = export_step(step.eval())
     # what the bundle records about the torch model, then let it go: the graph's weights are then the only
     # references to the float32 parameters, so each is freed as the passes replace it (README, Export)
-    params = nectar_params(step, pairs, None if config.baseline else cache)
-    base_params, vocab_size = sum(p.numel() for p in model.parameters()), int(model.config.vocab_size)
-    fingerprint = loaded.fingerprint
-    del step, model, loaded
+    traced = Traced(graph=graph, cache=cache, params=nectar_params(step, pairs, None if config.baseline else cache),
+                    base_params=sum(p.numel() for p in model.parameters()), vocab_size=int(model.config.vocab_size),
+                    fingerprint=loaded.fingerprint, tokenizer=loaded.tokenizer)
+    del step, model, loaded, artifact
     gc.collect()
-    reports = []
-    for graph_pass in passes:
-        stage(graph_pass.__name__)
-        reports.append(graph_pass(graph))
-    inputs, outputs = io_spec(graph)
-    kv_dtype = inputs[3]["dtype"]
-    # the past a sequence starts from: the whole context's KV (baseline) or the exact tokens' (Nectar)
-    context_tokens = cache.n
-    context_kv = _context_kv(cache, kv_dtype) if context_tokens else None
-    stage("lint")
-    report = lint(structure_proto(graph))
-    stage("write")
-    bundle = {
-        "kind": "full" if config.baseline else "nectar", "precision": config.precision, "kv_dtype": kv_dtype,
-        "cache_layout": config.cache,
-        "n": artifact.n, "first_position": artifact.n, "max_new_tokens": manifest["positions"]["max_new_tokens"],
-        "context_tokens": context_tokens,
-        "logits": "all" if config.all_logits else "last",
-        "layers": manifest["model"]["layers"], "kv_heads": manifest["model"]["kv_heads"],
-        "head_dim": manifest["model"]["head_dim"], "vocab_size": vocab_size,
-        "inputs": inputs, "outputs": outputs,
-        "past": {"key": "past_key_values.{layer}.key", "value": "past_key_values.{layer}.value",
-                 "present_key": "present.{layer}.key", "present_value": "present.{layer}.value"},
-        "template": {"question": manifest["context"]["question_template"]},
-        "stop_token_ids": sorted(stop_ids(tokenizer)), "pad_token_id": pad_id(tokenizer),
-        "source": {"artifact": str(Path(config.artifact).expanduser().resolve()),
-                   "model_source": manifest["model"]["source"], "model_fingerprint": fingerprint,
-                   "context_sha256": manifest["context"]["sha256"],
-                   "variant": None if config.baseline else config.variant, "code_version": __version__},
-        "graph": {"opset": OPSET, "ir_version": IR_VERSION, "passes": [r.to_json() for r in reports],
-                  "op_counts": op_counts(graph), "weight_bytes": weight_bytes(graph),
-                  "base_params": base_params,
-                  "nectar_params": params["fitted"], "nectar_graph_numbers": params["in_graph"],
-                  "dims_equal_to_n": len(tensors_with_dim(graph, artifact.n)),
-                  "lint": report},
-    }
-    bundle["graph"]["export_seconds"] = stage.seconds       # the write stage's own time is not in the file
-    try:
-        return write_bundle(config.output, graph, tokenizer.backend_tokenizer.to_str(), bundle, context_kv)
-    finally:
-        stage.close()
+    return traced
+
+
+def bundle_manifest(config: ExportConfig, manifest: ArtifactManifest, traced: Traced, reports: list[Any],
+                    lint_report: dict[str, Any], inputs: Any, outputs: Any) -> BundleManifest:
+    """bundle.json's content (its `files` are added as the bundle is written)."""
+    from nectar_graphs.bundle_writer import tensors_with_dim, weight_bytes
+    from nectar_graphs.passes import op_counts
+    from nectar_graphs.trace import IR_VERSION, OPSET
+
+    model, n, tokenizer = manifest.model, manifest.n, traced.tokenizer
+    source = Source(artifact=str(Path(config.artifact).expanduser().resolve()), model_source=model.source,
+                    model_fingerprint=traced.fingerprint, context_sha256=manifest.context.sha256,
+                    variant=None if config.baseline else config.variant, code_version=__version__)
+    graph = {"opset": OPSET, "ir_version": IR_VERSION, "passes": [r.to_json() for r in reports],
+             "op_counts": op_counts(traced.graph), "weight_bytes": weight_bytes(traced.graph),
+             "base_params": traced.base_params, "nectar_params": traced.params["fitted"],
+             "nectar_graph_numbers": traced.params["in_graph"],
+             "dims_equal_to_n": len(tensors_with_dim(traced.graph, n)), "lint": lint_report}
+    return BundleManifest(
+        kind="full" if config.baseline else "nectar", precision=config.precision, kv_dtype=inputs[3].dtype,
+        cache_layout=config.cache, n=n, first_position=n, max_new_tokens=manifest.max_new_tokens,
+        cached_tokens=traced.cache.n, logits="all" if config.all_logits else "last", layers=model.layers,
+        kv_heads=model.kv_heads, head_dim=model.head_dim, vocab_size=traced.vocab_size, inputs=tuple(inputs),
+        outputs=tuple(outputs), question_template=manifest.context.question_template,
+        stop_token_ids=tuple(sorted(stop_ids(tokenizer))), pad_token_id=pad_id(tokenizer), source=source,
+        graph=graph)
 
 
 def context_cache(model: Any, ids: list[int], device: torch.device, exact: tuple[int, int] | None = None,
@@ -185,13 +207,12 @@ def _context_kv(cache: Any, dtype: str) -> dict[str, Any]:
     inputs."""
     from nectar_graphs.passes import lower_array
     from nectar_runtime.backends.ort import kv_numpy_dtype
+    from nectar_runtime.bundle import past_names
 
     np_dtype = kv_numpy_dtype(dtype)
-    out = {}
-    for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
-        out[f"past_key_values.{i}.key"] = lower_array(k.unsqueeze(0).float().numpy(), np_dtype)
-        out[f"past_key_values.{i}.value"] = lower_array(v.unsqueeze(0).float().numpy(), np_dtype)
-    return out
+    tensors = [t for k, v in zip(cache.keys, cache.values) for t in (k, v)]        # past input order
+    return {name: lower_array(t.unsqueeze(0).float().numpy(), np_dtype)
+            for name, t in zip(past_names(len(cache.keys)), tensors)}
 
 
 def _check_sliding_window(config: Any, positions: int) -> None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from nectar_export.artifact import check_output, save_artifact
+from nectar_export.artifact import ArtifactManifest, ContextRecord, HeldOut, ModelRecord, check_output, save_artifact
 from nectar_export.capacity import allocate, linear_probe_error
 from nectar_export.queries import LayerData, collect, targets
 from nectar_export.config import FitConfig
@@ -73,6 +73,18 @@ def make_pairs(family: str, budgets: Sequence[int], shape: dict[str, int], cache
     return pairs
 
 
+@dataclass
+class LayerSets:
+    """What every variant is fitted on: per-layer train and validation data, the exact tokens' positions, the
+    softmax scale, and each layer's measured difficulty (for the adaptive allocation)."""
+
+    train: list[LayerData]
+    val: list[LayerData]
+    exact: torch.Tensor
+    scaling: float
+    difficulty: list[float]
+
+
 def run_fit(config: FitConfig, out: Path, device: str = "cpu") -> dict[str, Any]:
     """The whole fitting pipeline; writes the artifact to out and returns its manifest's metrics.
 
@@ -92,13 +104,46 @@ def run_fit(config: FitConfig, out: Path, device: str = "cpu") -> dict[str, Any]
     cache = clock.run("prefill", lambda: prefill(model, context.ids))
     samples: SampleSet = clock.run("samples", lambda: build_samples(model, tokenizer, context, doc_ids,
                                                                     cache.exact(), config))
+    sets = layer_sets(model, cache, samples, config, context.n, shape["head_dim"], clock)
+    heads, reports = fit_variants(config, sets, budget, shape, cache, clock)
+    kv_entries = 2 * context.n * shape["head_dim"] * shape["kv_heads"] * shape["layers"]
+    metrics = {"nectar_params": reports["nectar"]["params"], "kv_entries": kv_entries,
+               "params_over_kv": round(reports["nectar"]["params"] / kv_entries, 5),
+               "layer_difficulty": [round(d, 5) for d in sets.difficulty], "variants": reports,
+               "seconds": clock.seconds, "device": str(dev),
+               "fit_seconds": round(sum(v for k, v in clock.seconds.items() if not k.startswith("fit_")), 1),
+               "samples": samples.counts()}
+    model_record = ModelRecord(source=config.model, fingerprint=loaded.fingerprint,
+                               model_type=model.config.model_type, **shape, scaling=sets.scaling,
+                               max_positions=max_positions)
+    context_record = ContextRecord(source=context.source, sha256=context.sha256, n=context.n, sinks=config.sinks,
+                                   window=config.window_tokens(context.n, shape["head_dim"]),
+                                   document_tokens=context.document_tokens, prefix_text=context.prefix_text,
+                                   question_template=context.question_template)
+    manifest = ArtifactManifest(model=model_record, context=context_record, max_new_tokens=config.reserve,
+                                config=config, fit=metrics)
+    heldout = HeldOut(context_ids=tuple(context.ids), test=tuple(samples.splits["test"]))
+    heads = {variant: [pair.cpu() for pair in pairs] for variant, pairs in heads.items()}
+    save_artifact(out, manifest, heads, heldout)
+    return metrics
+
+
+def layer_sets(model: Any, cache: ContextCache, samples: SampleSet, config: FitConfig, n: int, dim: int,
+               clock: Stopwatch) -> LayerSets:
+    """Collect the train and validation queries, their exact targets, and each layer's difficulty."""
     scaling = float(model.model.layers[0].self_attn.scaling)
-    exact = cache.exact_index(config.sinks, config.window_tokens(context.n, shape["head_dim"]))
+    exact = cache.exact_index(config.sinks, config.window_tokens(n, dim))
     queries = {split: clock.run("collect", lambda: collect(model, cache, samples.splits[split], desc=f"{split} queries"))
                for split in ("train", "val")}
     train = clock.run("targets", lambda: targets(queries["train"], cache, exact, scaling, desc="train targets"))
     val = clock.run("targets", lambda: targets(queries["val"], cache, exact, scaling, desc="val targets"))
     difficulty = clock.run("allocate", lambda: [linear_probe_error(t, v) for t, v in zip(train, val)])
+    return LayerSets(train, val, exact, scaling, difficulty)
+
+
+def fit_variants(config: FitConfig, sets: LayerSets, budget: int, shape: dict[str, int], cache: ContextCache,
+                 clock: Stopwatch) -> tuple[dict[str, list[Pair]], dict[str, Any]]:
+    """Fit the 'nectar' heads and, with ablations on, the quadrature and uniform-allocation baselines."""
     settings = TrainSettings(config.epochs, config.batch_size, config.lr, config.patience, config.seed)
     plans = {"nectar": (config.family, config.allocation)}
     if config.ablations:
@@ -106,11 +151,13 @@ def run_fit(config: FitConfig, out: Path, device: str = "cpu") -> dict[str, Any]
         plans["uniform_allocation"] = (config.family, "uniform")
     heads: dict[str, list[Pair]] = {}
     reports: dict[str, Any] = {}
+    exact = sets.exact
     for variant, (family, allocation) in plans.items():
-        budgets = allocate(difficulty, budget) if allocation == "adaptive" else [budget] * len(train)
-        pairs = make_pairs(family, budgets, shape, cache, exact, train, config.seed)
+        budgets = allocate(sets.difficulty, budget) if allocation == "adaptive" else [budget] * len(sets.train)
+        pairs = make_pairs(family, budgets, shape, cache, exact, sets.train, config.seed)
         stage = "fit" if variant == "nectar" else f"fit_{variant}"
-        fit_report = clock.run(stage, lambda: fit_pairs(pairs, train, val, scaling, settings, desc=f"fit {variant}"))
+        fit_report = clock.run(stage, lambda: fit_pairs(pairs, sets.train, sets.val, sets.scaling, settings,
+                                                        desc=f"fit {variant}"))
         heads[variant] = pairs
         reports[variant] = {
             "family": family, "allocation": allocation,
@@ -118,28 +165,4 @@ def run_fit(config: FitConfig, out: Path, device: str = "cpu") -> dict[str, Any]
             "val_approx_error_by_layer": [round(r["val_approx_error"], 5) for r in fit_report],
             "epochs_by_layer": [r["epochs"] for r in fit_report],
         }
-    kv_entries = 2 * context.n * shape["head_dim"] * shape["kv_heads"] * shape["layers"]
-    metrics = {"nectar_params": reports["nectar"]["params"], "kv_entries": kv_entries,
-               "params_over_kv": round(reports["nectar"]["params"] / kv_entries, 5),
-               "layer_difficulty": [round(d, 5) for d in difficulty], "variants": reports,
-               "seconds": clock.seconds, "device": str(dev),
-               "fit_seconds": round(sum(v for k, v in clock.seconds.items() if not k.startswith("fit_")), 1),
-               "samples": samples.counts()}
-    manifest = {
-        "model": {"source": config.model, "fingerprint": loaded.fingerprint,
-                  "model_type": model.config.model_type, **shape, "scaling": scaling,
-                  "max_positions": max_positions},
-        "context": {"source": context.source, "sha256": context.sha256, "n": context.n, "sinks": config.sinks,
-                    "window": config.window_tokens(context.n, shape["head_dim"]),
-                    "document_tokens": context.document_tokens, "prefix_text": context.prefix_text,
-                    "question_template": context.question_template},
-        "positions": {"first_new": context.n, "max_new_tokens": config.reserve},
-        "config": config.to_json(),
-        "fit": metrics,
-    }
-    heldout = {"context_ids": list(context.ids),
-               "test": [{"source": s.source, "ids": list(s.ids), "question": s.question}
-                        for s in samples.splits["test"]]}
-    heads = {variant: [pair.cpu() for pair in pairs] for variant, pairs in heads.items()}
-    save_artifact(out, manifest, heads, extra={"heldout.json": json.dumps(heldout)})
-    return metrics
+    return heads, reports

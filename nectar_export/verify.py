@@ -8,18 +8,19 @@ step's logits and the final keys/values are compared.
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from nectar_export.artifact import load_artifact, read_manifest
+from nectar_export.artifact import load_artifact
 from nectar_export.attention import forward, nectar_mode
-from nectar_export.errors import NectarError
+from nectar_export.errors import NectarError, NectarInternalError
 from nectar_export.models import load_model
 from nectar_export.prefill import ContextCache, prefill
+from nectar_export.evaluate import heads_contexts
 from nectar_export.samples import question_ids
 
 TOP_MISMATCHES = 20
@@ -53,83 +54,84 @@ def _reference_run(model: Any, prompt: list[int], n: int, steps: int, past: Cont
     return fed[:-1], logits, cache
 
 
+@dataclass
+class Gaps:
+    """Running comparison of the graph against the reference: per-output largest gaps, and per-step top-1 matches."""
+
+    by_output: dict[str, float] = field(default_factory=dict)
+    steps: list[float] = field(default_factory=list)          # the largest logit gap of each compared step
+    matches: int = 0
+    mismatches: list[dict[str, Any]] = field(default_factory=list)
+
+    def logits(self, prompt: int, step: int, got: np.ndarray, ref: np.ndarray) -> None:
+        gap = float(np.abs(got - ref).max())
+        self.steps.append(gap)
+        self.by_output["logits"] = max(self.by_output.get("logits", 0.0), gap)
+        if int(got.argmax()) == int(ref.argmax()):
+            self.matches += 1
+        else:
+            self.mismatches.append({"prompt": prompt, "step": step, "torch_top1": int(ref.argmax()),
+                                    "onnx_top1": int(got.argmax()), "max_abs_diff": gap})
+
+
 def run_verify(path: Path, prompts: int = 24, steps: int = 10, backend_name: str = "ort-cpu",
-               model_spec: str | None = None) -> dict[str, Any]:
+               model_spec: str | None = None, **backend_options: Any) -> dict[str, Any]:
     """Run both on up to `prompts` held-out questions with `steps` greedy decode steps each; report the gaps."""
-    from nectar_runtime.backends.ort import make_backend
+    from nectar_runtime.backends import make_backend
     from nectar_runtime.bundle import load_bundle
 
-    from nectar_export.evaluate import heads_contexts
-
     bundle = load_bundle(path, check_hashes=True)
-    source = bundle["source"]
-    artifact_path = Path(source["artifact"])
-    manifest = read_manifest(artifact_path)
-    loaded = load_model(model_spec or source["model_source"])
-    if loaded.fingerprint != source["model_fingerprint"]:
-        raise NectarError(f"bundle was exported from model {source['model_fingerprint'][:16]}, the loaded model is "
+    manifest = bundle.manifest
+    if manifest.source is None:
+        raise NectarError(f"{bundle.path} records no source artifact, so there is nothing to verify it against; "
+                          "re-export it with `nectar-export export`")
+    source = manifest.source
+    loaded = load_model(model_spec or source.model_source)
+    if loaded.fingerprint != source.model_fingerprint:
+        raise NectarError(f"bundle was exported from model {source.model_fingerprint[:16]}, the loaded model is "
                           f"{loaded.fingerprint[:16]}; pass --model with the model it was exported from")
-    artifact = load_artifact(artifact_path, loaded.fingerprint, source["context_sha256"])
-    model, tokenizer = loaded.model, loaded.tokenizer
-    heldout = json.loads((artifact_path / "heldout.json").read_text())
-    cache = prefill(model, heldout["context_ids"], progress=False)
-    questions = [s["question"] for s in heldout["test"] if s.get("question")][:prompts]
+    artifact = load_artifact(Path(source.artifact), loaded.fingerprint, source.context_sha256)
+    heldout = artifact.heldout()
+    questions = [s.question for s in heldout.questions(prompts)]
     if not questions:
-        raise NectarError(f"{artifact_path} has no held-out questions to verify with")
-    template = manifest["context"]["question_template"]
-    n = artifact.n
-    full = bundle.kind == "full"
-    contexts = None if full else heads_contexts(artifact.heads[source["variant"]], cache,
-                                                cache.exact_index(*artifact.exact_tokens))
-    diffs: dict[str, float] = {}
-    mismatches, matches, total, all_diffs = [], 0, 0, []
-    backend = make_backend(bundle, backend_name)
-    backend.activate()
-    try:
+        raise NectarError(f"{artifact.path} has no held-out questions to verify with")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    cache = prefill(model, heldout.context_ids, progress=False)
+    contexts = None if bundle.kind == "full" else heads_contexts(artifact.heads[source.variant], cache,
+                                                                 cache.exact_index(*artifact.exact_tokens))
+    template = artifact.manifest.context.question_template
+    gaps = Gaps()
+    with make_backend(bundle, backend_name, **backend_options) as backend:
         for p, question in enumerate(questions):
             prompt = question_ids(tokenizer, template, question)
-            if full:
-                fed, ref_logits, ref_cache = _reference_run(model, prompt, n, steps, cache)
+            if contexts is None:
+                fed, ref_logits, ref_cache = _reference_run(model, prompt, artifact.n, steps, cache)
             else:
                 with nectar_mode(model, contexts):
-                    fed, ref_logits, ref_cache = _reference_run(model, prompt, n, steps, None)
+                    fed, ref_logits, ref_cache = _reference_run(model, prompt, artifact.n, steps, None)
             backend.reset(1)
             for s, (tokens, ref) in enumerate(zip(fed, ref_logits)):
-                got = backend.step(np.array([tokens], dtype=np.int64))
-                gap = float(np.abs(got - ref).max())
-                all_diffs.append(gap)
-                diffs["logits"] = max(diffs.get("logits", 0.0), gap)
-                total += 1
-                if int(got.argmax()) == int(ref.argmax()):
-                    matches += 1
-                else:
-                    mismatches.append({"prompt": p, "step": s, "torch_top1": int(ref.argmax()),
-                                       "onnx_top1": int(got.argmax()), "max_abs_diff": gap})
-            _compare_kv(backend, ref_cache, bundle, diffs)
-    finally:
-        backend.release()
-    graph = bundle["graph"]
-    return {"bundle": str(bundle.path), "kind": bundle.kind, "precision": bundle["precision"],
+                gaps.logits(p, s, backend.step(np.array([tokens], dtype=np.int64)), ref)
+            _compare_kv(backend, ref_cache, gaps.by_output)
+    total = len(gaps.steps)
+    return {"bundle": str(bundle.path), "kind": bundle.kind, "precision": manifest.precision,
             "backend": backend_name, "prompts": len(questions), "steps_per_prompt": steps + 1,
-            "max_abs_logit_diff": diffs.get("logits", 0.0), "median_abs_logit_diff": float(np.median(all_diffs)),
-            "top1_match": matches / total, "compared_steps": total, "max_abs_diff_by_output": diffs,
-            "mismatches": mismatches[:TOP_MISMATCHES], "mismatch_count": len(mismatches),
-            "op_counts": graph["op_counts"],
-            "fusion_counts": next((p["counts"] for p in graph["passes"] if p["name"] == "fuse_sibling_matmuls"), {})}
+            "max_abs_logit_diff": gaps.by_output.get("logits", 0.0), "median_abs_logit_diff": float(np.median(gaps.steps)),
+            "top1_match": gaps.matches / total, "compared_steps": total, "max_abs_diff_by_output": gaps.by_output,
+            "mismatches": gaps.mismatches[:TOP_MISMATCHES], "mismatch_count": len(gaps.mismatches),
+            "op_counts": manifest.graph.get("op_counts", {}), "fusion_counts": manifest.fusion_counts()}
 
 
-def _compare_kv(backend: Any, ref_cache: Any, bundle: Any, diffs: dict[str, float]) -> None:
-    """Largest gap between the graph's presents and the reference cache (host backends only). A Nectar
-    bundle's past starts with the exact tokens' KV, which the reference keeps inside its heads."""
-    past = getattr(backend, "past", None)
-    if not isinstance(past, list) or not past or not isinstance(past[0], np.ndarray):
-        return
-    skip = bundle.context_tokens if bundle.kind == "nectar" else 0
-    for name, got, layer, kind in zip(bundle.present_names(), past,
-                                      [i for i in range(bundle["layers"]) for _ in (0, 1)],
-                                      ["keys", "values"] * bundle["layers"]):
+def _compare_kv(backend: Any, ref_cache: Any, diffs: dict[str, float]) -> None:
+    """Largest gap between the backend's present KV and the reference cache, on every backend. A Nectar bundle's
+    past starts with the exact tokens' KV, which the reference keeps inside its heads."""
+    bundle = backend.bundle
+    skip = bundle.cached_tokens if bundle.kind == "nectar" else 0
+    layers = bundle.manifest.layers
+    for name, got, layer, kind in zip(bundle.present_names(), backend.present_kv(),
+                                      [i for i in range(layers) for _ in (0, 1)], ["keys", "values"] * layers):
         ref = getattr(ref_cache.layers[layer], kind).float().numpy()
         got = got[:, :, skip:]
         if ref.shape != got.shape:
-            raise NectarError(f"{name}: graph gives {got.shape}, the reference cache {ref.shape}")
+            raise NectarInternalError(f"{name}: {backend.name} holds {got.shape}, the reference cache {ref.shape}")
         diffs[name] = max(diffs.get(name, 0.0), float(np.abs(got.astype(np.float32) - ref).max()))

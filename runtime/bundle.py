@@ -1,57 +1,76 @@
-"""The bundle: what the runtime loads. Written by nectar_graphs, read here (no torch needed).
+"""The bundle: what the runtime loads. `BundleManifest` is the only reader and writer of bundle.json (no torch needed).
 
 A bundle is a directory:
 
-    bundle.json        manifest (schema below)
-    model.onnx         the step graph (+ model.onnx.data when weights pass 2 GB)
-    tokenizer.json     the base model's tokenizer (Hugging Face `tokenizers` format)
-    context.safetensors   the KV a sequence's past starts with (context_tokens of them): the whole context
-                       (full bundles) or the exact tokens (Nectar bundles); absent when there are none
-    model.plan         optional TensorRT engine (`nectar-export build`)
+    bundle.json          the manifest (fields below)
+    model.onnx           the step graph (+ model.onnx.data when weights pass 1 GB)
+    tokenizer.json       the base model's tokenizer (Hugging Face `tokenizers` format)
+    context.safetensors  the KV every sequence's past starts with (`cached_tokens` of them): the whole context in a
+                         full bundle, the exact tokens (sinks and exact window) in a Nectar bundle; absent when none
+    model.plan           optional TensorRT engine (`nectar-export build`)
 
-bundle.json (format "nectar-bundle/1"):
+bundle.json, format "nectar-bundle/2" ("nectar-bundle/1" still loads: its `context_tokens` is read as
+`cached_tokens`, and where it is absent, n for a full bundle and 0 for a Nectar one):
 
-    kind            "nectar" (document baked into Nectar heads) or "full" (context KV as past input)
-    precision       "fp32" | "fp16" | "bf16"; kv_dtype: numpy-style name of the KV I/O type
-    n               context tokens; first_position: position of the first new token (= n)
-    context_tokens  tokens in context.safetensors (n for full bundles, the exact tokens for Nectar ones);
-                    optional: absent means n for full bundles and 0 for Nectar ones (older bundles)
-    max_new_tokens  new-token window: positions first_position .. first_position + max_new_tokens - 1
-    logits          "last" (logits of the last new token) or "all"
+    kind              "nectar" (document baked into Nectar heads) or "full" (context KV as past input)
+    precision         "fp32" | "fp16" | "bf16"; kv_dtype: numpy-style name of the KV I/O type
+    cache_layout      "dynamic" (the past grows each step) or "static" (fixed buffers written in place)
+    n                 context tokens; first_position: position of the first new token (= n)
+    cached_tokens     tokens whose KV is in context.safetensors (see above); `fit --context-tokens` is n, not this
+    max_new_tokens    the new-token window: positions first_position .. first_position + max_new_tokens - 1
+    logits            "last" (logits of the last new token) or "all"
     layers, kv_heads, head_dim, vocab_size
-    inputs, outputs [{"name", "dtype", "shape"}], shape entries are ints or axis names
-    past            {"key": "past_key_values.{layer}.key", "value": ..., "present_key": "present.{layer}.key",
-                     "present_value": ...}: name templates
-    template        {"question": str.format text placed after the document: "{question}" marks the user's
-                    text, literal braces are doubled}
+    inputs, outputs   [{"name", "dtype", "shape"}]; shape entries are ints or axis names
+    past              name templates {"key", "value", "present_key", "present_value"} (PAST_TEMPLATES)
+    template          {"question": str.format text placed after the document: "{question}" marks the user's
+                      text, literal braces are doubled}
     stop_token_ids, pad_token_id
-    files           {name: {"bytes", "sha256"}} for every file above that is present
-    source          {"artifact", "model_fingerprint", "context_sha256", "variant", "code_version"}
-    graph           {"opset", "ir_version", "passes": [...], "op_counts": {...}, "lint": {...}}
-    engines         {"tensorrt": {"file", "profile", "tensorrt_version"}} once built
+    files             {name: {"bytes", "sha256"}} for every file above that is present
+    source            {"artifact", "model_source", "model_fingerprint", "context_sha256", "variant", "code_version"}
+    graph             export's report: {"opset", "ir_version", "passes", "op_counts", "lint", ...}
+    engines           {"tensorrt": {"file", "profile", "tensorrt_version", "build_seconds"}} once built
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nectar_runtime.errors import BundleError
+from nectar_runtime.fields import Fields
 
-FORMAT = "nectar-bundle/1"
+FORMAT = "nectar-bundle/2"
+READABLE = ("nectar-bundle/1", FORMAT)
 MANIFEST = "bundle.json"
 ONNX_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 CONTEXT_FILE = "context.safetensors"
 ENGINE_FILE = "model.plan"
 KINDS = ("nectar", "full")
-LAYOUTS = ("dynamic", "static")     # optional key; absent means dynamic
-REQUIRED = ("kind", "precision", "kv_dtype", "n", "first_position", "max_new_tokens", "logits", "layers",
-            "kv_heads", "head_dim", "vocab_size", "inputs", "outputs", "past", "template", "stop_token_ids",
-            "files")
+LAYOUTS = ("dynamic", "static")
+PRECISIONS = ("fp32", "fp16", "bf16")
+KV_DTYPES = ("float32", "float16", "bfloat16")
+LOGITS = ("last", "all")
+# The past and present tensor names of the step graph (the Hugging Face / Optimum convention), spelled once.
+PAST_TEMPLATES = {"key": "past_key_values.{layer}.key", "value": "past_key_values.{layer}.value",
+                  "present_key": "present.{layer}.key", "present_value": "present.{layer}.value"}
+MAX_LAYERS = 1024                # bounds that no real decoder reaches; a larger number is a damaged manifest
+MAX_TOKENS = 1 << 24
+
+
+def past_names(layers: int) -> list[str]:
+    """Past input names in graph order: key 0, value 0, key 1, ..."""
+    return [PAST_TEMPLATES[kv].format(layer=i) for i in range(layers) for kv in ("key", "value")]
+
+
+def present_names(layers: int) -> list[str]:
+    """Present output names in graph order, paired with past_names."""
+    return [PAST_TEMPLATES[kv].format(layer=i) for i in range(layers) for kv in ("present_key", "present_value")]
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
@@ -62,8 +81,180 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class FileEntry:
+    """Size and sha256 of one bundle file."""
+
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path) -> "FileEntry":
+        return cls(bytes=path.stat().st_size, sha256=sha256_file(path))
+
+
 def file_entry(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    """bundle.json's `files` entry for a file (as JSON)."""
+    return dataclasses.asdict(FileEntry.of(path))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, numpy-style dtype, shape of ints and axis names (None: unknown rank)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": None if self.shape is None else list(self.shape)}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the bundle came from: the artifact, the model and the variant of heads."""
+
+    artifact: str
+    model_source: str
+    model_fingerprint: str
+    context_sha256: str
+    variant: str | None
+    code_version: str
+
+
+def _fields(data: Any, where: str) -> Fields:
+    return Fields(data, where, BundleError, "re-export the bundle")
+
+
+def _tensor_specs(reader: Fields, key: str) -> tuple[TensorSpec, ...]:
+    specs = []
+    for i, item in enumerate(reader.get(key, list, expected="a list of tensors")):
+        spec = _fields(item, f"{reader.where} {key}[{i}]")
+        shape = spec.get("shape", (list, type(None)), None, "a list of ints and axis names")
+        if shape is not None and not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in shape):
+            raise spec.fail("shape", "a list of ints and axis names")
+        specs.append(TensorSpec(spec.get("name", str), spec.get("dtype", str), None if shape is None else tuple(shape)))
+    return tuple(specs)
+
+
+def _files(reader: Fields) -> dict[str, FileEntry]:
+    files = {}
+    for name, entry in reader.get("files", dict, expected="an object of file entries").items():
+        item = _fields(entry, f"{reader.where} files[{name!r}]")
+        files[name] = FileEntry(item.count("bytes", 0, 1 << 50), item.get("sha256", str))
+    return files
+
+
+def _source(reader: Fields) -> Source | None:
+    if reader.data.get("source") is None:
+        return None
+    s = reader.child("source")
+    return Source(artifact=s.get("artifact", str), model_source=s.get("model_source", str, ""),
+                  model_fingerprint=s.get("model_fingerprint", str), context_sha256=s.get("context_sha256", str),
+                  variant=s.get("variant", (str, type(None)), None), code_version=s.get("code_version", str, ""))
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    """bundle.json, typed and validated (fields in the module docstring)."""
+
+    kind: str
+    precision: str
+    kv_dtype: str
+    n: int
+    first_position: int
+    max_new_tokens: int
+    cached_tokens: int
+    logits: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    question_template: str
+    stop_token_ids: tuple[int, ...]
+    pad_token_id: int
+    cache_layout: str = "dynamic"
+    source: Source | None = None
+    graph: dict[str, Any] = field(default_factory=dict)     # export's report: passes, op counts, lint, sizes
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    engines: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def static(self) -> bool:
+        """Static KV layout: fixed buffers of kv_capacity slots, new tokens written at `cache_position`."""
+        return self.cache_layout == "static"
+
+    @property
+    def logits_name(self) -> str:
+        return self.outputs[0].name
+
+    def past_names(self) -> list[str]:
+        return past_names(self.layers)
+
+    def present_names(self) -> list[str]:
+        return present_names(self.layers)
+
+    def fusion_counts(self) -> dict[str, int]:
+        """What export's sibling-MatMul fusion merged ({} when it did not run)."""
+        passes = self.graph.get("passes", [])
+        return next((p.get("counts", {}) for p in passes if p.get("name") == "fuse_sibling_matmuls"), {})
+
+    def with_files(self, folder: Path, names: list[str]) -> "BundleManifest":
+        """The manifest with size and sha256 entries for `names` in `folder` (added or replaced)."""
+        return dataclasses.replace(self, files={**self.files, **{name: FileEntry.of(folder / name) for name in names}})
+
+    def to_json(self) -> dict[str, Any]:
+        data = {"format": FORMAT, "kind": self.kind, "precision": self.precision, "kv_dtype": self.kv_dtype,
+                "cache_layout": self.cache_layout, "n": self.n, "first_position": self.first_position,
+                "max_new_tokens": self.max_new_tokens, "cached_tokens": self.cached_tokens, "logits": self.logits,
+                "layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+                "vocab_size": self.vocab_size, "inputs": [s.to_json() for s in self.inputs],
+                "outputs": [s.to_json() for s in self.outputs], "past": dict(PAST_TEMPLATES),
+                "template": {"question": self.question_template}, "stop_token_ids": list(self.stop_token_ids),
+                "pad_token_id": self.pad_token_id,
+                "source": None if self.source is None else dataclasses.asdict(self.source),
+                "graph": self.graph, "files": {k: dataclasses.asdict(v) for k, v in self.files.items()}}
+        if self.engines:
+            data["engines"] = self.engines
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = MANIFEST) -> "BundleManifest":
+        """Validate types and bounds of every field a reader uses; BundleError names the first bad one."""
+        r = _fields(data, where)
+        version = data.get("format")
+        if version not in READABLE:
+            raise BundleError(f"{where} has format {version!r}; this runtime reads {', '.join(READABLE)}")
+        kind = r.choice("kind", KINDS)
+        n = r.count("n", 0, MAX_TOKENS)
+        legacy = n if kind == "full" else 0       # format 1 called it context_tokens, and early bundles lacked it
+        cached = r.count("cached_tokens", 0, n) if version == FORMAT else r.count("context_tokens", 0, n, legacy)
+        past = r.get("past", dict, dict(PAST_TEMPLATES))
+        if past != PAST_TEMPLATES:
+            raise r.fail("past", f"the names {PAST_TEMPLATES}")
+        template = r.child("template").get("question", str)
+        manifest = cls(
+            kind=kind, precision=r.choice("precision", PRECISIONS), kv_dtype=r.choice("kv_dtype", KV_DTYPES),
+            n=n, first_position=r.count("first_position", 0, MAX_TOKENS),
+            max_new_tokens=r.count("max_new_tokens", 1, MAX_TOKENS), cached_tokens=cached,
+            logits=r.choice("logits", LOGITS), layers=r.count("layers", 1, MAX_LAYERS),
+            kv_heads=r.count("kv_heads", 1, 4096), head_dim=r.count("head_dim", 1, 4096),
+            vocab_size=r.count("vocab_size", 1, 1 << 24), inputs=_tensor_specs(r, "inputs"),
+            outputs=_tensor_specs(r, "outputs"), question_template=template,
+            stop_token_ids=r.ints("stop_token_ids"), pad_token_id=r.count("pad_token_id", 0, 1 << 24),
+            cache_layout=r.choice("cache_layout", LAYOUTS, "dynamic"), source=_source(r),
+            graph=r.get("graph", dict, {}), files=_files(r), engines=r.get("engines", dict, {}))
+        if not manifest.outputs:
+            raise r.fail("outputs", "the logits output first")
+        return manifest
+
+    def save(self, folder: Path) -> None:
+        """Write bundle.json into folder through a temp file and a rename (readers never see half of it)."""
+        tmp = folder / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(self.to_json(), indent=2))
+        os.replace(tmp, folder / MANIFEST)
 
 
 @dataclass(frozen=True)
@@ -71,10 +262,7 @@ class Bundle:
     """A validated bundle directory and its manifest."""
 
     path: Path
-    manifest: dict[str, Any]
-
-    def __getitem__(self, key: str) -> Any:
-        return self.manifest[key]
+    manifest: BundleManifest
 
     @property
     def onnx_path(self) -> Path:
@@ -82,33 +270,27 @@ class Bundle:
 
     @property
     def kind(self) -> str:
-        return self.manifest["kind"]
+        return self.manifest.kind
 
     @property
-    def context_tokens(self) -> int:
+    def cached_tokens(self) -> int:
         """Tokens whose KV the past starts with (context.safetensors): the first slots of a static buffer."""
-        default = self.manifest["n"] if self.kind == "full" else 0
-        return int(self.manifest.get("context_tokens", default))
+        return self.manifest.cached_tokens
 
     @property
     def static(self) -> bool:
-        """Static KV layout: fixed buffers of kv_capacity slots, new tokens written at `cache_position`."""
-        return self.manifest.get("cache_layout", "dynamic") == "static"
+        return self.manifest.static
 
     def past_names(self) -> list[str]:
-        """Past input names in graph order: key_0, value_0, key_1, ..."""
-        past = self.manifest["past"]
-        return [past[kv].format(layer=i) for i in range(self.manifest["layers"]) for kv in ("key", "value")]
+        return self.manifest.past_names()
 
     def present_names(self) -> list[str]:
-        past = self.manifest["past"]
-        return [past[kv].format(layer=i) for i in range(self.manifest["layers"])
-                for kv in ("present_key", "present_value")]
+        return self.manifest.present_names()
 
     def prompt_text(self, question: str) -> str:
         """The text after the document for a question: the template is a str.format string (literal braces
         doubled, as the exporter writes it), filled exactly as nectar_export.samples.question_ids does."""
-        template = self.manifest["template"]["question"]
+        template = self.manifest.question_template
         try:
             return template.format(question=question)
         except (KeyError, IndexError, ValueError) as exc:
@@ -116,38 +298,38 @@ class Bundle:
                               f"{{question}} ({exc}); re-export the bundle") from None
 
 
-def load_bundle(path: str | Path, check_hashes: bool = False) -> Bundle:
-    """Read bundle.json and check format, required keys and every listed file (size, optionally sha256)."""
-    path = Path(path).expanduser()
-    file = path / MANIFEST
+def read_manifest(path: str | Path) -> BundleManifest:
+    """bundle.json of a bundle folder, parsed and validated; BundleError when absent or damaged."""
+    file = Path(path).expanduser() / MANIFEST
     if not file.is_file():
-        raise BundleError(f"{path} is not a bundle (no {MANIFEST}); create one with `nectar-export export`")
+        raise BundleError(f"{file.parent} is not a bundle (no {MANIFEST}); create one with `nectar-export export`")
     try:
-        manifest = json.loads(file.read_text())
+        data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{file} is not valid JSON ({exc}); re-export the bundle") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise BundleError(f"{file} has format {found!r}; this runtime reads {FORMAT!r}")
-    missing = [key for key in REQUIRED if key not in manifest]
-    if missing:
-        raise BundleError(f"{file} lacks {', '.join(missing)}; re-export the bundle")
-    if manifest["kind"] not in KINDS:
-        raise BundleError(f"{file}: unknown kind {manifest['kind']!r} (expected one of {KINDS})")
-    if manifest.get("cache_layout", "dynamic") not in LAYOUTS:
-        raise BundleError(f"{file}: unknown cache_layout {manifest['cache_layout']!r} (expected one of {LAYOUTS})")
-    for name, entry in manifest["files"].items():
+    return BundleManifest.from_json(data, str(file))
+
+
+def _check_files(path: Path, manifest: BundleManifest, check_hashes: bool) -> None:
+    """Every listed file present with its size (and sha256), and the files a bundle of this kind needs listed."""
+    for name, entry in manifest.files.items():
         target = path / name
         if not target.is_file():
             raise BundleError(f"bundle file {target} is missing; re-export the bundle")
         size = target.stat().st_size
-        if size != entry["bytes"]:
-            raise BundleError(f"bundle file {target} has {size} bytes, bundle.json says {entry['bytes']}: "
+        if size != entry.bytes:
+            raise BundleError(f"bundle file {target} has {size} bytes, bundle.json says {entry.bytes}: "
                               "it is damaged or was replaced; re-export the bundle")
-        if check_hashes and sha256_file(target) != entry["sha256"]:
+        if check_hashes and sha256_file(target) != entry.sha256:
             raise BundleError(f"bundle file {target} does not match its sha256 in bundle.json; re-export the bundle")
-    bundle = Bundle(path=path, manifest=manifest)
-    for needed in (ONNX_FILE, TOKENIZER_FILE) + ((CONTEXT_FILE,) if bundle.context_tokens else ()):
-        if needed not in manifest["files"]:
-            raise BundleError(f"{file} does not list {needed}; re-export the bundle")
-    return bundle
+    for needed in (ONNX_FILE, TOKENIZER_FILE) + ((CONTEXT_FILE,) if manifest.cached_tokens else ()):
+        if needed not in manifest.files:
+            raise BundleError(f"{path / MANIFEST} does not list {needed}; re-export the bundle")
+
+
+def load_bundle(path: str | Path, check_hashes: bool = False) -> Bundle:
+    """Read bundle.json and check format, fields and every listed file (size, optionally sha256)."""
+    path = Path(path).expanduser()
+    manifest = read_manifest(path)
+    _check_files(path, manifest, check_hashes)
+    return Bundle(path=path, manifest=manifest)

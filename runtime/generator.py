@@ -22,14 +22,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from nectar_runtime.backends import BACKEND_NAMES, make_backend
 from nectar_runtime.backends.base import Backend
-from nectar_runtime.backends.ort import make_backend
 from nectar_runtime.bundle import TOKENIZER_FILE, Bundle, load_bundle
 from nectar_runtime.errors import GenerationError, NectarError, NectarInternalError
 from nectar_runtime.sampling import Sampling, pick_next
-
-BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
-
 
 @dataclass
 class Result:
@@ -106,8 +103,8 @@ class Generator:
         self.backend_name = backend
         self.backend: Backend = make_backend(self.bundle, backend, **backend_options)
         self.backend.activate()
-        self.stop_ids = {int(t) for t in self.bundle["stop_token_ids"]}
-        self.window = int(self.bundle["max_new_tokens"])
+        self.stop_ids = set(self.bundle.manifest.stop_token_ids)
+        self.window = self.bundle.manifest.max_new_tokens
         self.last: Result | None = None
 
     def __enter__(self) -> "Generator":
@@ -151,9 +148,8 @@ class Generator:
         limit = min(sampling.max_new_tokens, self.window - len(prompt) + 1)
         rng, text = sampling.rng(), TextStream(self.tokenizer)
         self.backend.reset(1)
-        start = time.perf_counter()
         logits = self.backend.step(np.array([prompt], dtype=np.int64))               # [1, V]
-        result.prefill_ms = (time.perf_counter() - start) * 1e3
+        result.prefill_ms = self.backend.last_step.ms
         while True:
             token = int(pick_next(logits, sampling, rng)[0])
             result.token_ids.append(token)
@@ -165,9 +161,8 @@ class Generator:
             if len(result.token_ids) >= limit:
                 result.finish = "length" if limit == sampling.max_new_tokens else "window"
                 break
-            start = time.perf_counter()
             logits = self.backend.step(np.array([[token]], dtype=np.int64))
-            result.token_ms.append((time.perf_counter() - start) * 1e3)
+            result.token_ms.append(self.backend.last_step.ms)
         if tail := text.flush():
             yield tail
         result.text = text.tokenizer.decode(text.ids, skip_special_tokens=True)
@@ -187,13 +182,11 @@ def forced_decode(backend: Backend, prompt: Sequence[int], tokens: Sequence[int]
     """Prefill `prompt`, then feed `tokens` one per step regardless of the logits (benchmarks: a fixed length)."""
     result = Result(prompt_ids=list(prompt), token_ids=list(tokens))
     backend.reset(1)
-    start = time.perf_counter()
     backend.step(np.array([prompt], dtype=np.int64))
-    result.prefill_ms = (time.perf_counter() - start) * 1e3
+    result.prefill_ms = backend.last_step.ms
     for token in tokens:
-        start = time.perf_counter()
         backend.step(np.array([[token]], dtype=np.int64))
-        result.token_ms.append((time.perf_counter() - start) * 1e3)
+        result.token_ms.append(backend.last_step.ms)
     return result
 
 
@@ -203,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("bundle")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=Sampling.max_new_tokens)
-    parser.add_argument("--backend", choices=BACKENDS, default="ort-cpu")
+    parser.add_argument("--backend", choices=BACKEND_NAMES, default="ort-cpu")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)

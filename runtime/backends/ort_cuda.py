@@ -6,8 +6,8 @@ onnxruntime Python API of 1.2x/1.3x (`InferenceSession.io_binding`, `IOBinding.b
 with raw device pointers, `OrtValue.ortvalue_from_shape_and_type`) and is meant for `onnxruntime-gpu`.
 
 Buffers (allocated once per `reset` whose batch differs from the last):
-    per past tensor, two device buffers [B, Hkv, capacity, D], capacity = context_tokens + max_new_tokens;
-    the bundle's context KV [B, Hkv, context_tokens, D] (the whole context in full bundles, the exact tokens
+    per past tensor, two device buffers [B, Hkv, capacity, D], capacity = cached_tokens + max_new_tokens;
+    the bundle's cached tokens' KV [B, Hkv, cached_tokens, D] (the whole context in full bundles, the exact tokens
     in Nectar ones) uploaded to the device once (per batch size).
 A step binds the past as a view [B, Hkv, P, D] at the start of buffer `cur` and the present
 [B, Hkv, P + T, D] at the start of buffer `1 - cur`; then the two swap. Only the logits come back to the host.
@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from nectar_runtime.backends.base import Backend, BackendError, first_slot, kv_capacity, static_inputs, step_inputs
+from nectar_runtime.backends.base import Backend, kv_capacity, leading_view
 from nectar_runtime.backends.ort import kv_numpy_dtype, load_context_kv, session_options
 from nectar_runtime.bundle import Bundle
+from nectar_runtime.errors import BackendError
 
 CUDA_EP = "CUDAExecutionProvider"
 BFLOAT16 = 16                     # onnx.TensorProto.BFLOAT16: ORT takes ONNX type ints where numpy has no type
@@ -81,11 +82,9 @@ class OrtCudaBackend(Backend):
         self._binding: Any = None
         self._kv: dict[str, list[Any]] = {}        # past name -> [buffer 0, buffer 1] device OrtValues
         self._context: dict[str, Any] = {}         # past name -> device OrtValue [B, Hkv, C, D] (dynamic layout)
-        self._batch = 0
+        self._allocated = 0                        # batch the buffers are sized for
         self._cur = 0                              # which buffer of each pair holds the past
         self._on_context = False                   # the next step reads the past from the context values
-        self._past = 0                             # P: cached tokens (the bundle's context tokens included)
-        self._new = 0
 
     # -- resources -------------------------------------------------------------------------------
 
@@ -105,14 +104,12 @@ class OrtCudaBackend(Backend):
                                f"{self.device_id}; check the driver and CUDA libraries, or use --backend ort-cpu")
         return ort, session
 
-    def activate(self) -> None:
+    def _activate_impl(self) -> None:
         self._ort, self.session = self._open()
         self._binding = self.session.io_binding()
         self._runs = {graph: self._run_options(graph) for graph in ("1", "-1")}
-        self.kv_dtype = kv_numpy_dtype(self.bundle["kv_dtype"])
-        self._element = BFLOAT16 if self.bundle["kv_dtype"] == "bfloat16" else np.dtype(self.bundle["kv_dtype"]).type
-        self.active = True
-        self.reset(1)
+        self.kv_dtype = kv_numpy_dtype(self.manifest.kv_dtype)
+        self._element = BFLOAT16 if self.manifest.kv_dtype == "bfloat16" else np.dtype(self.manifest.kv_dtype).type
 
     def end_profiling(self) -> str:
         """Close ORT's trace (profile=PREFIX was given) and return its file's path."""
@@ -125,52 +122,54 @@ class OrtCudaBackend(Backend):
             options.add_run_config_entry("gpu_graph_id", graph)
         return options
 
-    def release(self) -> None:
+    def _release_impl(self) -> None:
         self._decode, self._decode_io, self._host = None, {}, []
-        self._kv, self._context, self._batch = {}, {}, 0
+        self._kv, self._context, self._allocated = {}, {}, 0
         self._binding = self.session = None
-        self.active = False
 
     def _device_value(self, shape: list[int], element: Any = None) -> Any:
         """An uninitialized device tensor of the KV's element type, or of `element`."""
         element = self._element if element is None else element
         return self._ort.OrtValue.ortvalue_from_shape_and_type(shape, element, self.device, self.device_id)
 
+    def _buffer_shape(self, batch: int) -> list[int]:
+        return [batch, self.manifest.kv_heads, kv_capacity(self.bundle), self.manifest.head_dim]
+
     def _allocate(self, batch: int) -> None:
-        """Two device buffers per past tensor, each [B, Hkv, capacity, D], and the context KV."""
+        """Two device buffers per past tensor, each [B, Hkv, capacity, D], and the cached tokens' KV."""
         b = self.bundle
-        if b.context_tokens and b["kv_dtype"] == "bfloat16":
+        if b.cached_tokens and self.manifest.kv_dtype == "bfloat16":
             raise BackendError("ort-cuda does not upload a bfloat16 context KV; export the bundle "
                                "with --precision fp16 or fp32")
-        shape = [batch, b["kv_heads"], kv_capacity(b), b["head_dim"]]
+        shape = self._buffer_shape(batch)
         if b.static:
             self._allocate_static(batch, shape)
             return
         self._kv = {name: [self._device_value(shape), self._device_value(shape)] for name in b.past_names()}
-        self._context = self._upload_context(batch) if b.context_tokens else {}
-        self._batch = batch
+        self._context = self._upload_context(batch) if b.cached_tokens else {}
+        self._allocated = batch
 
     def _allocate_static(self, batch: int, shape: list[int]) -> None:
-        """One buffer per past tensor (the context KV in its first slots) and the fixed one-token step binding."""
-        b, ort = self.bundle, self._ort
+        """One buffer per past tensor (the cached tokens' KV in its first slots) and the fixed one-token binding."""
+        b, m, ort = self.bundle, self.manifest, self._ort
         # zeros, not garbage: a masked slot's value still meets its 0 weight, and 0 * NaN is NaN
-        context = load_context_kv(b, self.kv_dtype) if b.context_tokens else [None] * len(b.past_names())
+        context = load_context_kv(b, self.kv_dtype) if b.cached_tokens else [None] * len(b.past_names())
         self._kv, self._host = {}, []
         for name, kv in zip(b.past_names(), context):
             host = np.zeros(shape, self.kv_dtype)            # one array per buffer: on "cpu" ORT wraps it, no copy
             if kv is not None:
-                host[:, :, :b.context_tokens] = kv
+                host[:, :, :b.cached_tokens] = kv
             self._kv[name] = [ort.OrtValue.ortvalue_from_numpy(host, self.device, self.device_id)]
             if self.device == "cpu":
                 self._host.append(host)                      # keep what the OrtValue points into alive
-        self._context, self._batch = {}, batch
+        self._context, self._allocated = {}, batch
         value = self._device_value
         io = {"input_ids": value([batch, 1], np.int64), "position_ids": value([batch, 1], np.int64),
-              "cache_position": value([1], np.int64), "logits": value([batch, 1, b["vocab_size"]], np.float32)}
+              "cache_position": value([1], np.int64), "logits": value([batch, 1, m.vocab_size], np.float32)}
         decode = self.session.io_binding()
         for name in ("input_ids", "position_ids", "cache_position"):
             decode.bind_ortvalue_input(name, io[name])
-        decode.bind_ortvalue_output(b["outputs"][0]["name"], io["logits"])
+        decode.bind_ortvalue_output(m.logits_name, io["logits"])
         self._bind_buffers(decode, shape)
         self._decode, self._decode_io = decode, io
 
@@ -181,29 +180,9 @@ class OrtCudaBackend(Backend):
             io.bind_input(past_name, self.device, self.device_id, self._element, shape, ptr)
             io.bind_output(present_name, self.device, self.device_id, self._element, shape, ptr)
 
-    def _static_step(self, input_ids: np.ndarray) -> np.ndarray:
-        """One static-layout step: the fixed binding (a CUDA graph replay) for one token, a plain run otherwise."""
-        m = self.bundle.manifest
-        ids, positions, slots = static_inputs(input_ids, m["first_position"] + self._new,
-                                              first_slot(self.bundle) + self._new)
-        if ids.shape[1] == 1:
-            for name, array in (("input_ids", ids), ("position_ids", positions), ("cache_position", slots)):
-                self._decode_io[name].update_inplace(array)
-            self.session.run_with_iobinding(self._decode, self._runs["1"])
-            return self._decode_io["logits"].numpy()
-        io = self._binding
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
-        io.bind_output(m["outputs"][0]["name"], "cpu")
-        for name, array in (("input_ids", ids), ("position_ids", positions), ("cache_position", slots)):
-            io.bind_cpu_input(name, array)
-        self._bind_buffers(io, [ids.shape[0], m["kv_heads"], kv_capacity(self.bundle), m["head_dim"]])
-        self.session.run_with_iobinding(io, self._runs["-1"])
-        return io.get_outputs()[0].numpy()
-
     def _upload_context(self, batch: int) -> dict[str, Any]:
-        """The context KV copied to the device once: past name -> OrtValue [B, Hkv, context_tokens, D]."""
-        host = load_context_kv(self.bundle, self.kv_dtype)                      # [1, Hkv, n, D] each
+        """The cached tokens' KV copied to the device once: past name -> OrtValue [B, Hkv, cached_tokens, D]."""
+        host = load_context_kv(self.bundle, self.kv_dtype)                      # [1, Hkv, C, D] each
         ort = self._ort
         return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.repeat(kv, batch, axis=0)),
                                                       self.device, self.device_id)
@@ -211,59 +190,84 @@ class OrtCudaBackend(Backend):
 
     # -- sequences -------------------------------------------------------------------------------
 
-    def reset(self, batch: int = 1) -> None:
-        """Start a sequence: the past is the uploaded context KV (empty when the bundle has none)."""
-        if not self.active:
-            raise BackendError("the ort-cuda backend is not active; use it as a context manager")
-        if batch != self._batch:
+    def _reset_impl(self, batch: int) -> None:
+        """Start a sequence: the past is the uploaded cached tokens' KV (empty when the bundle has none)."""
+        if batch != self._allocated:
             self._allocate(batch)
-        context = self.bundle.context_tokens
-        self._cur, self._new = 0, 0
-        self._on_context, self._past = context > 0, context
+        self._cur, self._on_context = 0, self.bundle.cached_tokens > 0
+
+    def _step_impl(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Run T new tokens [B, T]; the KV stays on the device; returns logits [B, 1 or T, V]."""
+        if self.bundle.static:
+            logits = self._static_step(ids, positions)
+        else:
+            self._bind(ids, positions)
+            with self.timed("run"):
+                self.session.run_with_iobinding(self._binding, self._runs["-1"])
+            with self.timed("fetch_logits"):
+                logits = self._binding.get_outputs()[0].numpy()
+        self._cur, self._on_context = 1 - self._cur, False
+        return logits
+
+    def _static_step(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One static-layout step: the fixed binding (a CUDA graph replay) for one token, a plain run otherwise."""
+        slots = self.cache_position(ids.shape[1])
+        if ids.shape[1] == 1:
+            with self.timed("update_inputs"):
+                for name, array in (("input_ids", ids), ("position_ids", positions), ("cache_position", slots)):
+                    self._decode_io[name].update_inplace(array)
+            with self.timed("run"):
+                self.session.run_with_iobinding(self._decode, self._runs["1"])
+            with self.timed("fetch_logits"):
+                return self._decode_io["logits"].numpy()
+        io = self._binding
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        io.bind_output(self.manifest.logits_name, "cpu")
+        for name, array in (("input_ids", ids), ("position_ids", positions), ("cache_position", slots)):
+            io.bind_cpu_input(name, array)
+        self._bind_buffers(io, self._buffer_shape(ids.shape[0]))
+        with self.timed("run"):
+            self.session.run_with_iobinding(io, self._runs["-1"])
+        return io.get_outputs()[0].numpy()
 
     def _past_ptr(self, name: str) -> int:
         source = self._context[name] if self._on_context else self._kv[name][self._cur]
         return source.data_ptr()
 
-    def _bind(self, input_ids: np.ndarray) -> None:
+    def _bind(self, ids: np.ndarray, positions: np.ndarray) -> None:
         """Bind this step's I/O: small int inputs from the host, past/present as device views, logits to host."""
-        m, io = self.bundle.manifest, self._binding
-        ids, positions, mask = step_inputs(input_ids, m["first_position"] + self._new, self._past)
+        m, io = self.manifest, self._binding
         batch, tokens = ids.shape
         io.clear_binding_inputs()
         io.clear_binding_outputs()
-        io.bind_output(m["outputs"][0]["name"], "cpu")       # first output bound: get_outputs()[0] is the logits
-        for name, array in (("input_ids", ids), ("position_ids", positions), ("attention_mask", mask)):
+        io.bind_output(m.logits_name, "cpu")       # first output bound: get_outputs()[0] is the logits
+        for name, array in (("input_ids", ids), ("position_ids", positions),
+                            ("attention_mask", self.attention_mask(tokens))):
             io.bind_cpu_input(name, array)
-        past_shape = [batch, m["kv_heads"], self._past, m["head_dim"]]                  # [B, Hkv, P, D]
-        present_shape = [batch, m["kv_heads"], self._past + tokens, m["head_dim"]]      # [B, Hkv, P + T, D]
+        past_shape = [batch, m.kv_heads, self.past_tokens, m.head_dim]                  # [B, Hkv, P, D]
+        present_shape = [batch, m.kv_heads, self.past_tokens + tokens, m.head_dim]      # [B, Hkv, P + T, D]
         nxt = 1 - self._cur
         for past_name, present_name in zip(self.bundle.past_names(), self.bundle.present_names()):
             io.bind_input(past_name, self.device, self.device_id, self._element, past_shape, self._past_ptr(past_name))
             io.bind_output(present_name, self.device, self.device_id, self._element, present_shape,
                            self._kv[past_name][nxt].data_ptr())
 
-    def step(self, input_ids: np.ndarray) -> np.ndarray:
-        """Run T new tokens [B, T] at the next positions; KV stays on the device; returns logits [B, V] fp32."""
-        if not self.active:
-            raise BackendError("the ort-cuda backend is not active; use it as a context manager")
-        batch, tokens = np.shape(input_ids)
-        if batch != self._batch:
-            raise BackendError(f"step got batch {batch}, the sequence was reset with batch {self._batch}")
-        if self._new + tokens > self.bundle["max_new_tokens"]:
-            raise BackendError(f"{self._new} + {tokens} new tokens exceed this bundle's window of "
-                               f"{self.bundle['max_new_tokens']}; reset() to start a new sequence")
-        if self.bundle.static:
-            logits = self._static_step(input_ids)
-        else:
-            self._bind(input_ids)
-            self.session.run_with_iobinding(self._binding, self._runs["-1"])
-            logits = self._binding.get_outputs()[0].numpy()                              # [B, 1 or T, V]
-        self._cur, self._on_context = 1 - self._cur, False
-        self._past, self._new = self._past + tokens, self._new + tokens
-        return np.asarray(logits[:, -1], dtype=np.float32)
+    def _present_kv_impl(self) -> list[np.ndarray]:
+        """Host copies of the past: the filled slots of each static buffer, or the contiguous view at the start of
+        the buffer that holds the past (the uploaded cached tokens before the first step)."""
+        m = self.manifest
+        shape = (self.batch, m.kv_heads, self.past_tokens, m.head_dim)
+        out = []
+        for name in self.bundle.past_names():
+            if self.bundle.static:
+                out.append(np.array(self._kv[name][0].numpy()[:, :, :self.past_tokens]))
+            else:
+                source = self._context[name] if self._on_context else self._kv[name][self._cur]
+                out.append(np.array(leading_view(source.numpy(), shape)))
+        return out
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One plain call with host arrays in and out (ORT copies them; no sequence state)."""
         names = [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self.session.run(names, feeds)))

@@ -14,6 +14,9 @@ Each past tensor owns two device buffers sized for the whole window. A step read
 `cur` and has TensorRT write the present into buffer `1 - cur`; then the two swap roles. The present
 of one step is, byte for byte, the contiguous past of the next, so the cache never visits the host;
 only the logits come back.
+
+Static-cache bundles (`export --cache static`) are refused when the backend is made (STATIC_REFUSED), and so are
+they by `nectar-export build`: their step writes each KV buffer in place, bound as both input and output.
 """
 
 from __future__ import annotations
@@ -23,13 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from nectar_runtime.backends.base import Backend, BackendError, kv_capacity, step_inputs
+from nectar_runtime.backends.base import Backend, kv_capacity, leading_view
 from nectar_runtime.bundle import CONTEXT_FILE, Bundle
+from nectar_runtime.errors import BackendError
 
 IDS, POSITIONS, MASK = "input_ids", "position_ids", "attention_mask"
 TRT_INSTALL = ("TensorRT is not installed: pip install tensorrt (from NVIDIA's index, https://pypi.nvidia.com; "
                "`pip install --extra-index-url https://pypi.nvidia.com tensorrt`), or run the bundle with an "
                "ONNX Runtime backend")
+STATIC_REFUSED = ("{path} has the static cache layout, which the TensorRT builder and backend do not support (its "
+                  "step writes the KV buffers in place, and TensorRT does not bind one tensor as both input and "
+                  "output); export the bundle with --cache dynamic for TensorRT, or run this one with --backend ort-cuda")
 CUDA_INSTALL = ("cuda-python is not installed: pip install cuda-python (major version matching the CUDA driver, "
                 "e.g. cuda-python>=13 for CUDA 13), or run the bundle with an ONNX Runtime backend")
 
@@ -60,6 +67,8 @@ class TensorRTBackend(Backend):
 
     def __init__(self, bundle: Bundle):
         super().__init__(bundle)
+        if bundle.static:
+            raise BackendError(STATIC_REFUSED.format(path=bundle.path))
         self._trt: Any = None
         self._cudart: Any = None
         self._engine: Any = None
@@ -67,15 +76,13 @@ class TensorRTBackend(Backend):
         self._stream: Any = None
         self._io: dict[str, int] = {}               # input_ids, position_ids, attention_mask, logits: device ptrs
         self._kv: dict[str, list[int]] = {}         # past name -> [buffer 0, buffer 1]
-        self._batch = 0                             # batch the buffers are sized for
+        self._allocated = 0                         # batch the buffers are sized for
         self._cur = 0                               # which buffer of each pair holds the past
-        self._past = 0                              # P: cached tokens (the bundle's context tokens included)
-        self._new = 0                               # new tokens run so far
 
     # -- resources -------------------------------------------------------------------------------
 
     def _engine_path(self) -> Path:
-        entry = self.bundle.manifest.get("engines", {}).get("tensorrt")
+        entry = self.manifest.engines.get("tensorrt")
         path = self.bundle.path / entry["file"] if entry else None
         if path is None or not path.is_file():
             raise BackendError(f"bundle {self.bundle.path} has no TensorRT engine; build one with "
@@ -89,7 +96,7 @@ class TensorRTBackend(Backend):
             raise BackendError(f"CUDA error {err}: {self._cudart.cudaGetErrorString(err)[1]}")
         return values[0] if len(values) == 1 else (values or None)
 
-    def activate(self) -> None:
+    def _activate_impl(self) -> None:
         path = self._engine_path()
         self._trt, self._cudart = _import_tensorrt(), _import_cudart()
         trt = self._trt
@@ -99,12 +106,10 @@ class TensorRTBackend(Backend):
                                "version and GPU they were built with; rebuild with `nectar-export build BUNDLE "
                                "--engine tensorrt` on this machine")
         self._engine, self._context = engine, engine.create_execution_context()
-        self.active = True
         try:
             self._stream = self._check(self._cudart.cudaStreamCreate())
-            self.reset(1)
         except BaseException:
-            self.release()
+            self._release_impl()
             raise
 
     def _malloc(self, nbytes: int) -> int:
@@ -113,15 +118,14 @@ class TensorRTBackend(Backend):
     def _free_buffers(self) -> None:
         for ptr in [*self._io.values(), *(p for pair in self._kv.values() for p in pair)]:
             self._cudart.cudaFree(ptr)
-        self._io, self._kv, self._batch = {}, {}, 0
+        self._io, self._kv, self._allocated = {}, {}, 0
 
-    def release(self) -> None:
+    def _release_impl(self) -> None:
         if self._cudart is not None:
             self._free_buffers()
             if self._stream is not None:
                 self._cudart.cudaStreamDestroy(self._stream)
         self._stream = self._context = self._engine = None
-        self.active = False
 
     def _itemsize(self, name: str) -> int:
         return int(self._engine.get_tensor_dtype(name).itemsize)
@@ -129,17 +133,16 @@ class TensorRTBackend(Backend):
     def _allocate(self, batch: int) -> None:
         """Device buffers for `batch` sequences over the whole window; the KV pair per past tensor."""
         self._free_buffers()
-        m = self.bundle.manifest
-        window, capacity = m["max_new_tokens"], kv_capacity(self.bundle)
-        logits_rows = window if m["logits"] == "all" else 1
-        logits_name = m["outputs"][0]["name"]
+        m = self.manifest
+        window, capacity = m.max_new_tokens, kv_capacity(self.bundle)
+        logits_rows = window if m.logits == "all" else 1
         self._io = {IDS: self._malloc(batch * window * 8), POSITIONS: self._malloc(batch * window * 8),
                     MASK: self._malloc(batch * capacity * 8),
-                    logits_name: self._malloc(batch * logits_rows * m["vocab_size"] * 4)}
-        kv_bytes = batch * m["kv_heads"] * capacity * m["head_dim"]
+                    m.logits_name: self._malloc(batch * logits_rows * m.vocab_size * 4)}
+        kv_bytes = batch * m.kv_heads * capacity * m.head_dim
         self._kv = {name: [self._malloc(kv_bytes * self._itemsize(name)) for _ in range(2)]
                     for name in self.bundle.past_names()}
-        self._batch = batch
+        self._allocated = batch
 
     def _h2d(self, ptr: int, array: np.ndarray) -> None:
         # from pageable memory the call returns once the bytes are staged, so `array` may be dropped after it
@@ -165,27 +168,25 @@ class TensorRTBackend(Backend):
         """Largest batch the engine's optimization profile 0 accepts."""
         return int(self._engine.get_tensor_profile_shape(IDS, 0)[2][0])
 
-    def reset(self, batch: int = 1) -> None:
-        """Start a sequence: the past is the bundle's context KV (empty when it has none)."""
-        if not self.active:
-            raise BackendError("the TensorRT backend is not active; use it as a context manager")
+    def _reset_impl(self, batch: int) -> None:
+        """Start a sequence: the past is the bundle's cached tokens' KV (empty when it has none)."""
         if not 1 <= batch <= self._max_batch():
             raise BackendError(f"batch {batch} is outside the engine's profile (1..{self._max_batch()}); "
                                "rebuild the engine with a larger batch")
-        if batch != self._batch:
+        if batch != self._allocated:
             self._allocate(batch)
-        self._cur, self._new, self._past = 0, 0, 0
-        if self.bundle.context_tokens:
+        self._cur = 0
+        if self.bundle.cached_tokens:
             self._load_context(batch)
 
     def _load_context(self, batch: int) -> None:
-        """Copy the context's KV (context.safetensors, keyed by past input name) into buffer 0 of every pair."""
+        """Copy the cached tokens' KV (context.safetensors, keyed by past input name) into buffer 0 of every pair."""
         from safetensors.numpy import load_file
 
         try:
-            kv_dtype = np.dtype(self.bundle["kv_dtype"])
+            kv_dtype = np.dtype(self.manifest.kv_dtype)
         except TypeError:
-            raise BackendError(f"kv_dtype {self.bundle['kv_dtype']!r} has no numpy type, so {CONTEXT_FILE} cannot be "
+            raise BackendError(f"kv_dtype {self.manifest.kv_dtype!r} has no numpy type, so {CONTEXT_FILE} cannot be "
                                "uploaded; export the bundle with fp16 or fp32 KV") from None
         tensors = load_file(str(self.bundle.path / CONTEXT_FILE))
         for name, (ptr, _) in self._kv.items():
@@ -195,49 +196,50 @@ class TensorRTBackend(Backend):
             host = np.ascontiguousarray(np.broadcast_to(kv, (batch, *kv.shape[1:])), dtype=kv_dtype)
             self._h2d(ptr, host)
         self._sync()
-        self._past = self.bundle.context_tokens
 
-    def step(self, input_ids: np.ndarray) -> np.ndarray:
-        """Run T new tokens [B, T] at the next positions; keep their KV on the device; return logits [B, V] fp32."""
-        if not self.active:
-            raise BackendError("the TensorRT backend is not active; use it as a context manager")
-        m = self.bundle.manifest
-        ids, positions, mask = step_inputs(input_ids, m["first_position"] + self._new, self._past)
+    def _step_impl(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Run T new tokens [B, T] at the next positions; keep their KV on the device; return logits [B, 1 or T, V]."""
+        m, ctx = self.manifest, self._context
         batch, tokens = ids.shape
-        if batch != self._batch:
-            raise BackendError(f"step got batch {batch}, the sequence was reset with batch {self._batch}")
-        if self._new + tokens > m["max_new_tokens"]:
-            raise BackendError(f"{self._new} + {tokens} new tokens exceed the bundle's window of "
-                               f"{m['max_new_tokens']}; reset() to start a new sequence")
-        ctx, past, nxt = self._context, self._past, 1 - self._cur
-        for name, array in ((IDS, ids), (POSITIONS, positions), (MASK, mask)):
+        nxt = 1 - self._cur
+        for name, array in ((IDS, ids), (POSITIONS, positions), (MASK, self.attention_mask(tokens))):
             array = array.astype(self._trt.nptype(self._engine.get_tensor_dtype(name)), copy=False)
             self._h2d(self._io[name], array)
             self._bind_input(name, array.shape, self._io[name])
-        kv_shape = (batch, m["kv_heads"], past, m["head_dim"])                        # [B, Hkv, P, D]
+        kv_shape = (batch, m.kv_heads, self.past_tokens, m.head_dim)                 # [B, Hkv, P, D]
         for past_name, present_name in zip(self.bundle.past_names(), self.bundle.present_names()):
             self._bind_input(past_name, kv_shape, self._kv[past_name][self._cur])
             ctx.set_tensor_address(present_name, self._kv[past_name][nxt])
-        logits_name = m["outputs"][0]["name"]
-        ctx.set_tensor_address(logits_name, self._io[logits_name])
-        if not ctx.execute_async_v3(int(self._stream)):
-            raise BackendError("TensorRT execute_async_v3 failed; the TensorRT log above says why")
-        logits = np.empty(tuple(ctx.get_tensor_shape(logits_name)),                    # [B, 1 or T, V]
-                          dtype=self._trt.nptype(self._engine.get_tensor_dtype(logits_name)))
-        self._d2h(logits, self._io[logits_name])
+        ctx.set_tensor_address(m.logits_name, self._io[m.logits_name])
+        with self.timed("run"):
+            if not ctx.execute_async_v3(int(self._stream)):
+                raise BackendError("TensorRT execute_async_v3 failed; the TensorRT log above says why")
+            logits = np.empty(tuple(ctx.get_tensor_shape(m.logits_name)),               # [B, 1 or T, V]
+                              dtype=self._trt.nptype(self._engine.get_tensor_dtype(m.logits_name)))
+            self._d2h(logits, self._io[m.logits_name])
+            self._sync()
+        self._cur = nxt
+        return logits
+
+    def _present_kv_impl(self) -> list[np.ndarray]:
+        """Host copies of the past: the contiguous [B, Hkv, P, D] view at the start of each buffer `cur`."""
+        m = self.manifest
+        shape = (self.batch, m.kv_heads, self.past_tokens, m.head_dim)
+        out = []
+        for name in self.bundle.past_names():
+            host = np.empty(int(np.prod(shape)), dtype=self._trt.nptype(self._engine.get_tensor_dtype(name)))
+            self._d2h(host, self._kv[name][self._cur])
+            out.append(host)
         self._sync()
-        self._cur, self._past, self._new = nxt, past + tokens, self._new + tokens
-        return logits[:, -1].astype(np.float32)
+        return [leading_view(host, shape) for host in out]
 
     # -- plain call ------------------------------------------------------------------------------
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call of the engine with host arrays in and out (temporary device buffers; no sequence state).
 
         Host arrays use numpy types, so bf16 I/O (no numpy dtype) is not served here; step() does not need it.
         """
-        if not self.active:
-            raise BackendError("the TensorRT backend is not active; use it as a context manager")
         trt, engine, ctx = self._trt, self._engine, self._context
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]

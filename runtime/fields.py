@@ -1,0 +1,68 @@
+"""Typed reads of a JSON object from a manifest: each failure raises the caller's error type, naming the file,
+the key, what was found and what was expected (bundle.json and nectar.json both read through this)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nectar_runtime.errors import NectarError
+
+
+class Fields:
+    """One JSON object of a manifest file; `where` names it in errors and `fix` says what to do about them."""
+
+    def __init__(self, data: Any, where: str, error: type[NectarError] = NectarError, fix: str = ""):
+        self.where, self.error, self.fix = where, error, fix
+        if not isinstance(data, dict):
+            raise self._error(f"{where} holds {type(data).__name__}, not a JSON object")
+        self.data = data
+
+    def _error(self, text: str) -> NectarError:
+        return self.error(f"{text}; {self.fix}" if self.fix else text)
+
+    def child(self, key: str, default: Any = ...) -> "Fields":
+        """The object under `key`, read with the same error type."""
+        return Fields(self.get(key, dict, default, "a JSON object"), f"{self.where} {key}", self.error, self.fix)
+
+    def fail(self, key: str, expected: str) -> NectarError:
+        return self._error(f"{self.where}: {key} is {repr(self.data.get(key))[:80]}, expected {expected}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., expected: str = "") -> Any:
+        """data[key] if it is of `kind` (bools are not ints); `default` when absent, or an error without one."""
+        if key not in self.data:
+            if default is ...:
+                raise self._error(f"{self.where} lacks {key}")
+            return default
+        value = self.data[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _kinds(kind)):
+            raise self.fail(key, expected or " or ".join(k.__name__ for k in _kinds(kind)))
+        return value
+
+    def count(self, key: str, low: int, high: int, default: Any = ...) -> int:
+        """An integer within [low, high]."""
+        expected = f"an integer in [{low}, {high}]"
+        value = self.get(key, int, default, expected)
+        if key in self.data and not low <= value <= high:
+            raise self.fail(key, expected)
+        return value
+
+    def number(self, key: str, default: Any = ...) -> float:
+        return float(self.get(key, (int, float), default, "a number"))
+
+    def choice(self, key: str, allowed: tuple[str, ...], default: Any = ...) -> str:
+        expected = f"one of {', '.join(allowed)}"
+        value = self.get(key, str, default, expected)
+        if value not in allowed:
+            raise self.fail(key, expected)
+        return value
+
+    def ints(self, key: str, default: Any = ...) -> tuple[int, ...]:
+        """A list of non-negative integers (token ids)."""
+        values = self.get(key, list, default, "a list of token ids")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise self.fail(key, "a list of token ids")
+        return tuple(values)
+
+
+def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
