@@ -134,7 +134,7 @@ def trace_step(config: ExportConfig, manifest: ArtifactManifest, stage: Stages) 
     stage("torch.onnx.export")
     graph = export_step(step.eval())
     # what the bundle records about the torch model, then let it go: the graph's weights are then the only
-    # references to the float32 parameters, so each is freed as the passes replace it (README, Export)
+    # references to the float32 parameters, so each is freed as the passes replace it (docs/RESULTS.md, section 3)
     traced = Traced(graph=graph, cache=cache, params=nectar_params(step, pairs, None if config.baseline else cache),
                     base_params=sum(p.numel() for p in model.parameters()), vocab_size=int(model.config.vocab_size),
                     fingerprint=loaded.fingerprint, tokenizer=loaded.tokenizer)

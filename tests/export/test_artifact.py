@@ -7,16 +7,23 @@ import json
 import pytest
 import torch
 
-from nectar_export.artifact import load_artifact, read_manifest, save_artifact
+from nectar_export.artifact import (ArtifactManifest, ContextRecord, HeldOut, ModelRecord, load_artifact,
+                                    read_heldout, read_manifest, save_artifact)
+from nectar_export.config import FitConfig
 from nectar_export.errors import NectarError
 from nectar_export.heads import MLPPair, QuadraturePair
+from nectar_export.samples import Sample
 
 MODEL, CONTEXT = "a" * 64, "c" * 64
 
 
 def _manifest():
-    return {"model": {"fingerprint": MODEL, "kv_heads": 2, "head_dim": 8},
-            "context": {"sha256": CONTEXT, "n": 100, "sinks": 4, "window": 2}}
+    model = ModelRecord(source="tiny", fingerprint=MODEL, model_type="llama", layers=2, kv_heads=2, query_heads=4,
+                        head_dim=8, scaling=8 ** -0.5, max_positions=1024)
+    context = ContextRecord(source="text", sha256=CONTEXT, n=100, sinks=4, window=2, document_tokens=90,
+                            prefix_text="<user>", question_template="{question}<assistant>")
+    return ArtifactManifest(model=model, context=context, max_new_tokens=32, config=FitConfig(),
+                            fit={"nectar_params": 1000, "kv_entries": 6400})
 
 
 def _heads():
@@ -62,6 +69,41 @@ def test_corrupt_weights_and_foreign_folders_are_refused(tmp_path):
 def test_rewriting_an_artifact_replaces_it_whole(tmp_path):
     save_artifact(tmp_path / "art", _manifest(), _heads())
     save_artifact(tmp_path / "art", _manifest(), {"nectar": _heads()["nectar"]})
-    manifest = json.loads((tmp_path / "art" / "nectar.json").read_text())
-    assert set(manifest["variants"]) == {"nectar"} and not (tmp_path / "art" / "ablations").exists()
+    assert set(read_manifest(tmp_path / "art").variants) == {"nectar"} and not (tmp_path / "art" / "ablations").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_manifest_and_heldout_round_trip_through_their_json(tmp_path):
+    heldout = HeldOut(context_ids=(5, 6, 7), test=(Sample("repeat", (1, 2)), Sample("self_study", (3,), "Why?")))
+    written = save_artifact(tmp_path / "art", _manifest(), _heads(), heldout)
+    assert read_manifest(tmp_path / "art") == written and written.exact_tokens == (4, 2)
+    assert read_heldout(tmp_path / "art") == heldout and [s.question for s in heldout.questions()] == ["Why?"]
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m.pop("context"), "lacks context"),
+    (lambda m: m["model"].update(kv_heads="2"), "kv_heads is '2', expected an integer"),
+    (lambda m: m["context"].update(n=-1), "n is -1, expected an integer in"),
+    (lambda m: m["variants"]["nectar"].update(file="../../etc/passwd"), "a path inside the artifact folder"),
+    (lambda m: m["variants"]["nectar"]["layers"].pop(), "2 pair shapes"),
+    (lambda m: m["config"].update(family="rnn"), "config is not a fit configuration"),
+    (lambda m: m.update(format="nectar-artifact/9"), "this version reads 'nectar-artifact/1'"),
+])
+def test_a_hand_edited_manifest_gets_one_line_naming_the_key(tmp_path, edit, words):
+    save_artifact(tmp_path / "art", _manifest(), _heads())
+    file = tmp_path / "art" / "nectar.json"
+    data = json.loads(file.read_text())
+    edit(data)
+    file.write_text(json.dumps(data))
+    with pytest.raises(NectarError, match=words) as info:
+        load_artifact(tmp_path / "art", MODEL)
+    assert "\n" not in str(info.value)
+
+
+def test_a_missing_or_broken_heldout_is_a_clear_error(tmp_path):
+    save_artifact(tmp_path / "art", _manifest(), _heads())
+    with pytest.raises(NectarError, match="no heldout.json.*refit"):
+        read_heldout(tmp_path / "art")
+    (tmp_path / "art" / "heldout.json").write_text('{"context_ids": [1, "x"], "test": []}')
+    with pytest.raises(NectarError, match="context_ids .* expected a list of token ids"):
+        read_heldout(tmp_path / "art")

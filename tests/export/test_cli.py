@@ -21,15 +21,15 @@ def _assert_clean_failure(result: subprocess.CompletedProcess, out: Path, *words
 
 
 def test_fit_writes_a_self_describing_artifact(artifact, tiny_ckpt):
-    manifest = json.loads((artifact / "nectar.json").read_text())
-    assert manifest["context"]["n"] == 512
-    assert manifest["context"]["question_template"].count("{question}") == 1
-    assert set(manifest["variants"]) == {"nectar", "quadrature", "uniform_allocation"}
-    fit = manifest["fit"]
-    assert fit["nectar_params"] <= 0.125 * fit["kv_entries"]
+    from nectar_export.artifact import read_heldout, read_manifest
+
+    manifest = read_manifest(artifact)
+    assert manifest.n == 512 and manifest.context.question_template.count("{question}") == 1
+    assert set(manifest.variants) == {"nectar", "quadrature", "uniform_allocation"}
+    assert manifest.nectar_params <= 0.125 * manifest.kv_entries
     for variant in ("quadrature", "uniform_allocation"):
-        assert fit["variants"][variant]["params"] <= 0.125 * fit["kv_entries"]
-    assert (artifact / "nectar.safetensors").is_file() and (artifact / "heldout.json").is_file()
+        assert manifest.variant_params(variant) <= 0.125 * manifest.kv_entries
+    assert (artifact / "nectar.safetensors").is_file() and read_heldout(artifact).test
 
 
 def test_eval_reports_every_metric(artifact):

@@ -29,20 +29,23 @@ def _fails(result, out: Path | None, *words: str) -> None:
 
 
 def test_nectar_bundle_is_self_describing_and_holds_only_the_heads(nectar_bundle, artifact):
-    manifest = json.loads((nectar_bundle / "bundle.json").read_text())
-    art = json.loads((artifact / "nectar.json").read_text())
-    assert manifest["kind"] == "nectar" and manifest["n"] == art["context"]["n"] == manifest["first_position"]
-    # the exact tokens' KV ships beside the graph as the start of the past, not as constants in it
-    exact = min(art["context"]["sinks"] + art["context"]["window"], art["context"]["n"])
-    assert exact > 0 and manifest["context_tokens"] == exact
-    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json", "context.safetensors"}
     from safetensors.numpy import load_file
 
+    from nectar_export.artifact import read_manifest
+    from nectar_runtime.bundle import FORMAT, load_bundle
+
+    assert json.loads((nectar_bundle / "bundle.json").read_text())["format"] == FORMAT == "nectar-bundle/2"
+    manifest, art = load_bundle(nectar_bundle).manifest, read_manifest(artifact)
+    assert manifest.kind == "nectar" and manifest.n == art.n == manifest.first_position
+    # the exact tokens' KV ships beside the graph as the start of the past, not as constants in it
+    exact = min(sum(art.exact_tokens), art.n)
+    assert exact > 0 and manifest.cached_tokens == exact
+    assert set(manifest.files) == {"model.onnx", "tokenizer.json", "context.safetensors"}
     kv = load_file(str(nectar_bundle / "context.safetensors"))
-    assert set(kv) == {f"past_key_values.{i}.{t}" for i in range(manifest["layers"]) for t in ("key", "value")}
-    assert {v.shape for v in kv.values()} == {(1, manifest["kv_heads"], exact, manifest["head_dim"])}
-    graph = manifest["graph"]
-    assert graph["nectar_params"] == art["fit"]["nectar_params"]
+    assert set(kv) == {f"past_key_values.{i}.{t}" for i in range(manifest.layers) for t in ("key", "value")}
+    assert {v.shape for v in kv.values()} == {(1, manifest.kv_heads, exact, manifest.head_dim)}
+    graph = manifest.graph
+    assert graph["nectar_params"] == art.nectar_params
     # an MLP pair runs as one network whose block-diagonal layers hold zeros besides the fitted numbers;
     # nectar_params counts the exact tokens' KV too (outside the graph)
     kv_numbers = sum(v.size for v in kv.values())
@@ -55,7 +58,7 @@ def test_nectar_bundle_is_self_describing_and_holds_only_the_heads(nectar_bundle
     assert graph["dims_equal_to_n"] == 0
     assert [p["name"] for p in graph["passes"]] == ["fold_constants", "convert_precision",
                                                     "fuse_sibling_matmuls", "cleanup"]
-    assert manifest["template"]["question"] == art["context"]["question_template"]
+    assert manifest.question_template == art.context.question_template
 
 
 def test_verify_nectar_bundle_matches_torch(nectar_bundle):
@@ -68,18 +71,22 @@ def test_verify_nectar_bundle_matches_torch(nectar_bundle):
 
 
 def test_verify_full_bundle_matches_transformers(full_bundle):
-    manifest = json.loads((full_bundle / "bundle.json").read_text())
-    assert manifest["kind"] == "full" and "context.safetensors" in manifest["files"]
+    from nectar_runtime.bundle import load_bundle
+
+    manifest = load_bundle(full_bundle).manifest
+    assert manifest.kind == "full" and "context.safetensors" in manifest.files and manifest.cached_tokens == manifest.n
     report = _verify(full_bundle)
     assert report["top1_match"] == 1.0 and report["max_abs_logit_diff"] < 1e-4
 
 
 def test_fp16_bundle_is_half_the_size_and_close(artifact, nectar_bundle, tmp_path):
     bundle = export_bundle(artifact, tmp_path / "fp16", "--precision", "fp16")
-    manifest = json.loads((bundle / "bundle.json").read_text())
-    assert manifest["kv_dtype"] == "float16"
-    full = json.loads((nectar_bundle / "bundle.json").read_text())["graph"]["weight_bytes"]
-    assert manifest["graph"]["weight_bytes"] < 0.52 * full
+    from nectar_runtime.bundle import load_bundle
+
+    manifest = load_bundle(bundle).manifest
+    assert manifest.kv_dtype == "float16"
+    full = load_bundle(nectar_bundle).manifest.graph["weight_bytes"]
+    assert manifest.graph["weight_bytes"] < 0.52 * full
     report = _verify(bundle)
     assert report["max_abs_logit_diff"] < 0.05 and report["top1_match"] >= 0.9
 

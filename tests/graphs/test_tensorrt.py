@@ -85,7 +85,7 @@ def test_default_profile_opt_stays_inside_when_prompt_fills_the_window():
 
 def test_default_profile_full_bundle_shifts_past_by_the_context():
     n = 1000
-    profile = default_profile(_step_inputs(), 2, max_new_tokens=W, prompt_tokens=16, context_tokens=n)
+    profile = default_profile(_step_inputs(), 2, max_new_tokens=W, prompt_tokens=16, cached_tokens=n)
     assert [shape[2] for shape in profile["past_key_values.0.key"]] == [n, n + W // 2, n + W - 1]
     assert [shape[1] for shape in profile["attention_mask"]] == [n + 1, n + W // 2 + 16, n + W]
     assert profile["input_ids"] == ((1, 1), (1, 16), (2, W))

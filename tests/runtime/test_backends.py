@@ -3,16 +3,16 @@ ping-pong of the CUDA backend, bound to host memory, gives the plain CPU backend
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from nectar_runtime.backends.base import BackendError
-from nectar_runtime.backends.ort import OrtCpuBackend, make_backend
+from nectar_runtime.backends import BACKENDS, make_backend
+from nectar_runtime.backends.ort import OrtCpuBackend
 from nectar_runtime.backends.ort_cuda import OrtCudaBackend
-from nectar_runtime.bundle import BundleError, load_bundle
+from nectar_runtime.bundle import load_bundle
+from nectar_runtime.errors import BackendError, BundleError
 from nectar_runtime.generator import Generator
 
 
@@ -59,13 +59,11 @@ def test_corrupt_onnx_of_the_right_size_fails_on_load(bundle_copy):
 
 
 def test_corrupt_tokenizer_is_reported(bundle_copy):
-    from nectar_runtime.bundle import file_entry
     from nectar_runtime.errors import GenerationError
 
     (bundle_copy / "tokenizer.json").write_text("{not json")
-    manifest = json.loads((bundle_copy / "bundle.json").read_text())
-    manifest["files"]["tokenizer.json"] = file_entry(bundle_copy / "tokenizer.json")
-    (bundle_copy / "bundle.json").write_text(json.dumps(manifest))
+    manifest = load_bundle(bundle_copy).manifest             # re-registered, so only the tokenizer can notice
+    manifest.with_files(bundle_copy, ["tokenizer.json"]).save(bundle_copy)
     with pytest.raises(GenerationError) as exc:
         Generator(bundle_copy)
     assert "tokenizer.json" in one_line(exc)
@@ -109,10 +107,11 @@ def test_iobinding_ping_pong_equals_the_cpu_backend(bundles, kind):
     bundle = load_bundle(bundles[kind])
     with OrtCpuBackend(bundle) as plain, HostBoundBackend(bundle) as bound:
         _same_greedy_sequences(plain, bound)
-        past = plain.past[0].shape[2]                        # the present of the last step sits in buffer `cur`
-        head = bound._kv[bundle.past_names()[0]][bound._cur].numpy().reshape(-1)[:plain.past[0].size]
-        np.testing.assert_array_equal(head.reshape(plain.past[0].shape), plain.past[0])
-        assert bound._past == past
+        # the present of the last step, read back from the device buffer that holds it (what verify compares)
+        kv = bound.present_kv()
+        assert kv[0].shape[2] == bound.past_tokens == plain.past_tokens == bundle.cached_tokens + 6
+        for got, want in zip(kv, plain.present_kv()):
+            np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("kind", ["nectar", "full"])
@@ -128,7 +127,7 @@ def test_static_layout_equals_the_dynamic_one(bundles, kind):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
             assert int(got.argmax()) == int(want.argmax())
             tokens = want.argmax(-1)[:, None]
-        for a, b in zip(grow.past, fixed.past):             # the filled slots hold the same keys and values
+        for a, b in zip(grow.present_kv(), fixed.present_kv()):    # the filled slots hold the same KV
             np.testing.assert_allclose(b, a, rtol=0, atol=1e-4)
 
 
@@ -139,11 +138,41 @@ def test_in_place_static_buffers_equal_the_cpu_backend(bundles, kind):
     with OrtCpuBackend(bundle) as plain, HostBoundBackend(bundle) as bound:
         assert bound.cuda_graph
         _same_greedy_sequences(plain, bound)
-        filled = plain.length                                # later slots are never written (nor read)
-        for name, buffer in zip(bundle.past_names(), plain.buffers):
-            np.testing.assert_array_equal(bound._kv[name][0].numpy()[:, :, :filled], buffer[:, :, :filled])
+        for got, want in zip(bound.present_kv(), plain.present_kv()):   # the filled slots of each buffer
+            np.testing.assert_array_equal(got, want)
 
 
 def test_cuda_graph_needs_a_static_bundle(nectar_bundle):
     with pytest.raises(BackendError, match="--cache static"):
         OrtCudaBackend(load_bundle(nectar_bundle), cuda_graph=True)
+
+
+def test_the_base_class_checks_every_call_the_same_way(nectar_bundle):
+    with OrtCpuBackend(load_bundle(nectar_bundle)) as backend:
+        with pytest.raises(BackendError, match="batch 2, the sequence was reset with batch 1"):
+            backend.step(np.zeros((2, 1), np.int64))
+        with pytest.raises(BackendError, match=r"shape \[batch, tokens\]"):
+            backend.step(np.zeros(3, np.int64))
+        with pytest.raises(BackendError, match=f"0 \\+ {backend.window + 1} new tokens exceed this bundle's "
+                                               f"new-token window of {backend.window}"):
+            backend.step(np.zeros((1, backend.window + 1), np.int64))
+        backend.step(PROMPT)
+        assert backend.new_tokens == 5 and backend.position == backend.manifest.first_position + 5
+        assert backend.last_step.ms > 0
+    with pytest.raises(BackendError, match="not active"):
+        backend.present_kv()
+
+
+@pytest.mark.parametrize("kind", ["nectar", "full_static"])
+def test_verify_compares_the_kv_of_the_cuda_backend(bundles, kind, monkeypatch):
+    """verify on the ort-cuda code (IOBinding, device buffers), bound to host memory: it reads the present KV
+    back through present_kv() and compares it, as on ort-cpu."""
+    from nectar_export.verify import run_verify
+
+    monkeypatch.setitem(BACKENDS, "ort-cuda-on-host", (HostBoundBackend.__module__, "HostBoundBackend"))
+    cpu = run_verify(bundles[kind], prompts=2, steps=3, backend_name="ort-cpu")
+    bound = run_verify(bundles[kind], prompts=2, steps=3, backend_name="ort-cuda-on-host")
+    presents = {f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")}
+    assert set(bound["max_abs_diff_by_output"]) == {"logits"} | presents
+    assert bound["max_abs_diff_by_output"] == cpu["max_abs_diff_by_output"]
+    assert max(bound["max_abs_diff_by_output"][name] for name in presents) < 1e-4

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from nectar_runtime.bundle import load_bundle
+
 
 def run_cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nectar_export.cli", *args], capture_output=True, text=True,
@@ -26,7 +28,7 @@ def test_bench_measures_both_kinds(bundles, tmp_path):
         assert set(row) == KEYS and row["n"] == 512
         assert row["ms_per_token"] > 0 and row["prefill_ms"] > 0 and row["peak_rss_mb"] > 10
     kv_per_token = full["kv_bytes"] // (512 + 16 + 8)        # fp32 KV of 2 layers x 2 heads x 16 dims, K and V
-    exact = json.loads((bundles["nectar"] / "bundle.json").read_text())["context_tokens"]   # sinks + window
+    exact = load_bundle(bundles["nectar"]).cached_tokens                        # sinks + window
     assert kv_per_token == 2 * 2 * 2 * 16 * 4 and nectar["kv_bytes"] == (exact + 16 + 8) * kv_per_token
     assert full["bundle_bytes"] > nectar["bundle_bytes"] - 1_000_000        # the baseline carries the context KV
     written = json.loads((tmp_path / "decode_latency.json").read_text())
@@ -51,5 +53,5 @@ def test_profile_summary_from_a_real_trace(bundles, tmp_path):
     assert profile["runs"] == 4 and profile["nodes_per_step"] > 50
     assert 0 < profile["node_ms_per_step"] <= profile["run_ms_per_step"] * 1.05
     assert set(profile["last_step_nodes_by_provider"]) == {"CPUExecutionProvider"}
-    exact = json.loads((bundles["nectar_static"] / "bundle.json").read_text())["context_tokens"]
+    exact = load_bundle(bundles["nectar_static"]).cached_tokens
     assert row["cache_layout"] == "static" and row["kv_bytes"] == (exact + 8 + 4) * 2 * 2 * 2 * 16 * 4

@@ -16,20 +16,20 @@ ANSWER = 32
 @pytest.fixture(scope="session")
 def reference(tiny_ckpt, artifact):
     """The torch side: model, tokenizer, context cache, Nectar contexts, held-out questions and template."""
-    from nectar_export.artifact import load_artifact, read_manifest
+    from nectar_export.artifact import load_artifact
     from nectar_export.evaluate import heads_contexts
     from nectar_export.models import load_model
     from nectar_export.prefill import prefill
 
     loaded = load_model(str(tiny_ckpt))
     heads = load_artifact(artifact, loaded.fingerprint)
-    heldout = json.loads((artifact / "heldout.json").read_text())
-    cache = prefill(loaded.model, heldout["context_ids"], progress=False)
+    heldout = heads.heldout()
+    cache = prefill(loaded.model, heldout.context_ids, progress=False)
     nectar = heads_contexts(heads.heads["nectar"], cache, cache.exact_index(*heads.exact_tokens))
-    questions = [s["question"] for s in heldout["test"] if s.get("question")]
+    questions = [s.question for s in heldout.questions()]
     return {"model": loaded.model, "tokenizer": loaded.tokenizer, "n": heads.n, "questions": questions,
             "contexts": {"nectar": nectar, "full": cache.exact()},
-            "template": read_manifest(artifact)["context"]["question_template"]}
+            "template": heads.manifest.context.question_template}
 
 
 def torch_greedy(ref: dict, kind: str, questions: list[str]) -> list[list[int]]:

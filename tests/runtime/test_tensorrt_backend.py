@@ -13,17 +13,19 @@ import pytest
 from onnx import TensorProto, helper
 from safetensors.numpy import save_file
 
-from nectar_runtime.backends.base import SLOT_ALIGN, BackendError, first_slot
-from nectar_runtime.backends.tensorrt import TensorRTBackend, kv_capacity, step_inputs
-from nectar_runtime.bundle import FORMAT, BundleError, file_entry, load_bundle
+from nectar_runtime.backends import make_backend
+from nectar_runtime.backends.base import SLOT_ALIGN, first_slot, kv_capacity, positions_of
+from nectar_runtime.backends.tensorrt import TensorRTBackend
+from nectar_runtime.bundle import BundleManifest, TensorSpec, load_bundle, past_names
+from nectar_runtime.errors import BackendError, BundleError
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 LAYERS, KV_HEADS, HEAD_DIM, N, WINDOW = 2, 2, 4, 12, 16
 
 
-def _write_bundle(path, kind="nectar", engine=False, context_tokens=None):
-    """A small but complete bundle directory: real ONNX file, tokenizer file, manifest (and context KV, plan).
-    context_tokens: the manifest's key (absent when None: N for a full bundle, 0 for a Nectar one)."""
+def _write_bundle(path, kind="nectar", engine=False, cached_tokens=None, layout="dynamic"):
+    """A small but complete bundle directory: real ONNX file, tokenizer file, manifest (and context KV, plan),
+    written through BundleManifest. cached_tokens: None means N for a full bundle and 0 for a Nectar one."""
     path.mkdir()
     x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
     y = helper.make_tensor_value_info("logits", TensorProto.INT64, ["batch", "sequence"])
@@ -31,28 +33,23 @@ def _write_bundle(path, kind="nectar", engine=False, context_tokens=None):
                                                   "step", [x], [y])), path / "model.onnx")
     (path / "tokenizer.json").write_text("{}")
     files = ["model.onnx", "tokenizer.json"]
-    past = {"key": "past_key_values.{layer}.key", "value": "past_key_values.{layer}.value",
-            "present_key": "present.{layer}.key", "present_value": "present.{layer}.value"}
-    context = (N if kind == "full" else 0) if context_tokens is None else context_tokens
-    if context:
-        kv = np.zeros((1, KV_HEADS, context, HEAD_DIM), np.float16)
-        save_file({past[k].format(layer=i): kv for i in range(LAYERS) for k in ("key", "value")},
-                  str(path / "context.safetensors"))
+    cached = (N if kind == "full" else 0) if cached_tokens is None else cached_tokens
+    if cached:
+        kv = np.zeros((1, KV_HEADS, cached, HEAD_DIM), np.float16)
+        save_file({name: kv for name in past_names(LAYERS)}, str(path / "context.safetensors"))
         files.append("context.safetensors")
-    manifest = {"format": FORMAT, "kind": kind, "precision": "fp16", "kv_dtype": "float16", "n": N,
-                "first_position": N, "max_new_tokens": WINDOW, "logits": "last", "layers": LAYERS,
-                "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "vocab_size": 32,
-                "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}],
-                "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 1, 32]}],
-                "past": past, "template": {"question": "{question}"}, "stop_token_ids": [0], "pad_token_id": 0}
-    if context_tokens is not None:
-        manifest["context_tokens"] = context_tokens
+    engines = {}
     if engine:
         (path / "model.plan").write_bytes(b"not a real engine")
         files.append("model.plan")
-        manifest["engines"] = {"tensorrt": {"file": "model.plan", "profile": {}, "tensorrt_version": "11.0"}}
-    manifest["files"] = {name: file_entry(path / name) for name in files}
-    (path / "bundle.json").write_text(json.dumps(manifest))
+        engines = {"tensorrt": {"file": "model.plan", "profile": {}, "tensorrt_version": "11.0"}}
+    manifest = BundleManifest(
+        kind=kind, precision="fp16", kv_dtype="float16", n=N, first_position=N, max_new_tokens=WINDOW,
+        cached_tokens=cached, logits="last", layers=LAYERS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, vocab_size=32,
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
+        outputs=(TensorSpec("logits", "float32", ("batch", 1, 32)),), question_template="{question}",
+        stop_token_ids=(0,), pad_token_id=0, cache_layout=layout, engines=engines)
+    manifest.with_files(path, files).save(path)
     return load_bundle(path)
 
 
@@ -88,19 +85,25 @@ def test_calls_before_activate_are_refused(tmp_path):
         backend.infer({"input_ids": np.zeros((1, 1), np.int64)})
 
 
-def test_kv_capacity_covers_the_context_tokens(tmp_path):
-    """The past starts with the bundle's context tokens: all n of a full bundle, a Nectar bundle's exact tokens
-    (none in bundles written before context_tokens existed)."""
+def test_kv_capacity_covers_the_cached_tokens(tmp_path):
+    """The past starts with the bundle's cached tokens: all n of a full bundle, a Nectar bundle's exact tokens
+    (none in bundles written before they were recorded)."""
     assert kv_capacity(_write_bundle(tmp_path / "nectar")) == WINDOW
     assert kv_capacity(_write_bundle(tmp_path / "full", kind="full")) == N + WINDOW
-    exact = _write_bundle(tmp_path / "exact", context_tokens=3)
+    exact = _write_bundle(tmp_path / "exact", cached_tokens=3)
     assert kv_capacity(exact) == 3 + WINDOW and first_slot(exact) == 3
-    exact.manifest["cache_layout"] = "static"              # static buffers: whole multiples of SLOT_ALIGN slots
-    assert kv_capacity(exact) == -(-(3 + WINDOW) // SLOT_ALIGN) * SLOT_ALIGN > 3 + WINDOW and first_slot(exact) == 3
+    static = _write_bundle(tmp_path / "static", cached_tokens=3, layout="static")   # whole multiples of SLOT_ALIGN
+    assert kv_capacity(static) == -(-(3 + WINDOW) // SLOT_ALIGN) * SLOT_ALIGN > 3 + WINDOW and first_slot(static) == 3
 
 
-def test_a_bundle_with_context_tokens_needs_its_context_file(tmp_path):
-    bundle = _write_bundle(tmp_path / "exact", context_tokens=3)
+def test_static_cache_bundles_are_refused_with_what_to_do(tmp_path):
+    bundle = _write_bundle(tmp_path / "static", engine=True, layout="static")
+    with pytest.raises(BackendError, match=r"static cache layout.*--cache dynamic.*--backend ort-cuda"):
+        make_backend(bundle, "tensorrt")
+
+
+def test_a_bundle_with_cached_tokens_needs_its_context_file(tmp_path):
+    bundle = _write_bundle(tmp_path / "exact", cached_tokens=3)
     manifest = json.loads((bundle.path / "bundle.json").read_text())
     del manifest["files"]["context.safetensors"]
     (bundle.path / "bundle.json").write_text(json.dumps(manifest))
@@ -108,11 +111,53 @@ def test_a_bundle_with_context_tokens_needs_its_context_file(tmp_path):
         load_bundle(bundle.path)
 
 
-def test_step_inputs_positions_and_mask():
-    ids, positions, mask = step_inputs(np.array([[5, 6, 7], [8, 9, 10]], np.int32), position=N + 4, past=N + 4)
-    assert ids.dtype == positions.dtype == mask.dtype == np.int64
-    assert ids.flags.c_contiguous and positions.flags.c_contiguous
+def test_positions_continue_in_every_row():
+    positions = positions_of(np.array([[5, 6, 7], [8, 9, 10]], np.int64), N + 4)
+    assert positions.dtype == np.int64 and positions.flags.c_contiguous
     np.testing.assert_array_equal(positions, [[16, 17, 18], [16, 17, 18]])
-    assert mask.shape == (2, N + 4 + 3) and mask.min() == 1
-    _, positions, mask = step_inputs(np.array([[1]]), position=N, past=0)   # first Nectar step: empty past
-    assert positions.tolist() == [[N]] and mask.shape == (1, 1)
+    assert positions_of(np.array([[1]]), N).tolist() == [[N]]
+
+
+def test_build_refuses_a_static_cache_bundle_before_any_work(tmp_path):
+    bundle = _write_bundle(tmp_path / "static", layout="static")
+    before = (bundle.path / "bundle.json").read_text()
+    done = subprocess.run([sys.executable, "-m", "nectar_export.cli", "build", str(bundle.path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "static cache layout" in done.stderr
+    assert (bundle.path / "bundle.json").read_text() == before and not (bundle.path / "model.plan").exists()
+
+
+def test_a_format_1_bundle_still_loads_and_reads_context_tokens_as_cached_tokens(tmp_path):
+    bundle = _write_bundle(tmp_path / "old", cached_tokens=3)
+    data = json.loads((bundle.path / "bundle.json").read_text())
+    data["format"] = "nectar-bundle/1"
+    data["context_tokens"] = data.pop("cached_tokens")
+    (bundle.path / "bundle.json").write_text(json.dumps(data))
+    assert load_bundle(bundle.path).cached_tokens == 3
+    del data["context_tokens"]                          # the first bundles had no such key: 0 for a Nectar bundle
+    (bundle.path / "bundle.json").write_text(json.dumps(data))
+    assert load_bundle(bundle.path).cached_tokens == 0
+    data["format"] = "nectar-bundle/7"
+    (bundle.path / "bundle.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=r"format 'nectar-bundle/7'; this runtime reads nectar-bundle/1, nectar-bundle/2"):
+        load_bundle(bundle.path)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("layers", 10 ** 9, "layers is 1000000000, expected an integer in [1, 1024]"),
+    ("layers", "2", "layers is '2', expected an integer"),
+    ("kind", "partial", "kind is 'partial', expected one of nectar, full"),
+    ("max_new_tokens", 0, "max_new_tokens is 0, expected an integer in"),
+    ("cached_tokens", N + 1, f"cached_tokens is {N + 1}, expected an integer in [0, {N}]"),
+    ("stop_token_ids", [1, -2], "expected a list of token ids"),
+    ("past", {"key": "k{layer}"}, "past is"),
+])
+def test_a_hand_edited_bundle_json_gets_one_line_naming_the_key(tmp_path, key, value, words):
+    bundle = _write_bundle(tmp_path / "b", kind="full")
+    data = json.loads((bundle.path / "bundle.json").read_text())
+    data[key] = value
+    (bundle.path / "bundle.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError) as info:
+        load_bundle(bundle.path)
+    assert words in str(info.value) and "\n" not in str(info.value)
