@@ -39,10 +39,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import gpu_reference  # noqa: E402  (a sibling script, not a package)
+import gpu_reference        # bench/gpu_reference.py and bench/harness.py: found beside this script
+import harness
 
 ENGINES = ("nectar_ort_cuda", "full_ort_cuda", "hf_static")
 STAGES = ("checkpoint", "fit", "export", "measure")
@@ -127,8 +125,8 @@ class Exports:
             self.poll()
 
     def submit(self, artifact: Path, out: Path, baseline: bool) -> None:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--export-child", str(artifact), "--bundle", str(out),
-               "--precision", self.args.precision, "--cache", self.args.cache, "--device", self.args.device]
+        cmd = harness.python_cmd(__file__, "--export-child", artifact, "--bundle", out, "--precision",
+                                 self.args.precision, "--cache", self.args.cache, "--device", self.args.device)
         with self.lock:
             self.queued.append((out.name, cmd + (["--baseline"] if baseline else [])))
         self.poll()
@@ -143,13 +141,12 @@ class Exports:
             if proc.poll() is None:
                 continue
             del self.running[name]
-            text = log_path.read_text(errors="replace")
-            if proc.returncode == 0:
-                self.finished[name] = json.loads(text.strip().splitlines()[-1])
+            try:
+                self.finished[name] = harness.last_json(harness.check_child(
+                    proc.returncode, log_path.read_text(errors="replace")))
                 log(f"export {name}: {time.perf_counter() - start:.1f} s")
-            else:
-                tail = [line for line in text.strip().splitlines() if line.strip()][-3:] or ["no output"]
-                self.finished[name] = {"error": f"exit {proc.returncode}: " + " | ".join(tail)[:1500]}
+            except harness.ChildError as exc:
+                self.finished[name] = {"error": f"exit {exc.returncode}: {str(exc)[:1500]}"}
                 log(f"export {name} FAILED: {self.finished[name]['error']}")
         threads = str(max(1, (os.cpu_count() or 2) // max(1, self.jobs)))
         while self.queued and len(self.running) < self.jobs:
@@ -232,28 +229,22 @@ def release_device_memory() -> None:
 
 def run_engine(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """A measuring child; its last stdout line is its JSON row. Memory is counted from before it started."""
-    from decode_latency import gpu_mem_used_mb
-
-    base = gpu_mem_used_mb()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        tail = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-3:]
-        raise RuntimeError(" | ".join(tail))
-    row = json.loads(done.stdout.strip().splitlines()[-1])
+    base = harness.gpu_mem_used_mb()
+    row = harness.run_json_child(cmd, env)
     row["device_mem_mb"] = round(row.get("device_mem_mb", base) - base, 1)
     return row
 
 
 def measure_bundle(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
     """ort-cuda on one bundle; a static bundle also without its CUDA graph (the row is the faster, both kept)."""
-    cmd = [sys.executable, str(HERE / "decode_latency.py"), "--child", str(bundle), "--backend", "ort-cuda",
-           "--tokens", str(args.tokens), "--warmup", str(args.warmup), "--prompt-tokens", str(args.prompt_tokens)]
+    cmd = harness.python_cmd(harness.BENCH / "decode_latency.py", "--child", bundle, "--backend", "ort-cuda",
+                             "--tokens", args.tokens, "--warmup", args.warmup, "--prompt-tokens", args.prompt_tokens)
     static = json.loads((bundle / "bundle.json").read_text()).get("cache_layout") == "static"
     runs = []
     for extra in ([[], ["--no-cuda-graph"]] if static else [[]]):
         try:
             runs.append(run_engine(cmd + extra))
-        except RuntimeError as exc:
+        except harness.ChildError as exc:
             runs.append({"cuda_graph": not extra, "error": str(exc)[:500]})
     done = [r for r in runs if "ms_per_token" in r]
     if not done:
@@ -263,7 +254,7 @@ def measure_bundle(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
         try:
             traced = run_engine(cmd + ["--no-cuda-graph", "--profile", str(args.work / f"{bundle.name}-profile")])
             row["profile"] = {"ms_per_token": traced["ms_per_token"], **traced.get("profile", {})}
-        except RuntimeError as exc:
+        except harness.ChildError as exc:
             row["profile"] = {"error": str(exc)[:500]}
     return row
 
@@ -272,12 +263,12 @@ def measure_hf(checkpoint: Path, artifact: Path, args: argparse.Namespace) -> di
     """Eager, and with --compile also compiled (its own process); the row is the faster, both are kept."""
     runs = []
     for compiled in ([False, True] if args.compile else [False]):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-child", str(checkpoint), "--artifact",
-               str(artifact), "--precision", args.precision, "--tokens", str(args.tokens), "--warmup",
-               str(args.warmup), "--prompt-tokens", str(args.prompt_tokens)] + (["--compile"] if compiled else [])
+        cmd = harness.python_cmd(__file__, "--hf-child", checkpoint, "--artifact", artifact, "--precision",
+                                 args.precision, "--tokens", args.tokens, "--warmup", args.warmup, "--prompt-tokens",
+                                 args.prompt_tokens, *(["--compile"] if compiled else []))
         try:
             runs.append(run_engine(cmd))
-        except RuntimeError as exc:
+        except harness.ChildError as exc:
             if not compiled:
                 raise
             runs.append({"compiled": True, "error": str(exc)[:500]})
@@ -290,7 +281,6 @@ def hf_child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from decode_latency import gpu_mem_used_mb
     from nectar_export.export import TORCH_DTYPES
 
     dtype = TORCH_DTYPES[args.precision]
@@ -299,7 +289,7 @@ def hf_child(args: argparse.Namespace) -> dict[str, Any]:
     context = json.loads((args.artifact / "heldout.json").read_text())["context_ids"]
     prompt = [(17 * i + 11) % 30000 + 100 for i in range(args.prompt_tokens)]   # any ids: weights are random
     row = gpu_reference.hf_static_decode(model, context, prompt, args.tokens, args.warmup, compile=args.compile)
-    return {**row, "n": len(context), "device_mem_mb": gpu_mem_used_mb(),
+    return {**row, "n": len(context), "device_mem_mb": harness.gpu_mem_used_mb(),
             "allocated_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
 
@@ -514,7 +504,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", choices=("static", "dynamic"), default="static",
                    help="KV layout of the bundles: static (in-place buffers, CUDA-graph decode) or dynamic.")
     p.add_argument("--work", type=Path, default=Path("/tmp/nectar-gpu"), help="Checkpoints, artifacts, bundles.")
-    p.add_argument("--out", type=Path, default=HERE / "results", help="Folder for <shape>.json and <shape>.png.")
+    p.add_argument("--out", type=Path, default=harness.RESULTS, help="Folder for <shape>.json and <shape>.png.")
     p.add_argument("--tokenizer", type=Path, help="Folder with tokenizer.json (+ tokenizer_config.json, template).")
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--engines", default=",".join(ENGINES))

@@ -23,13 +23,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-HERE = Path(__file__).resolve().parent
+import harness              # bench/harness.py, beside this script
+
 STEP_GAP_US = 50.0               # host work between two replays leaves at least this much idle time
 CLASSES = (                      # (class, substrings of the kernel name), first match wins
     ("gemm", ("gemm", "nvjet", "splitKreduce", "cutlass")),
@@ -129,10 +129,7 @@ def measure(path: Path, warmup: int, tokens: int, traced: int, trace_file: Path)
 
 def plot(rows: list[dict[str, Any]], gpu: str, png: Path) -> None:
     """Stacked bars: one replay's busy microseconds per class of kernel, one bar per bundle."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     labels = [f"{r['kind']} n={r['n']}" for r in rows]
     classes = list(dict.fromkeys(c for r in rows for c in r["by_class"]))
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -156,7 +153,7 @@ def plot(rows: list[dict[str, Any]], gpu: str, png: Path) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="step_trace", description=__doc__.split("\n\n")[0])
     p.add_argument("bundles", nargs="+", type=Path)
-    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--out", type=Path, default=harness.RESULTS)
     p.add_argument("--name", default="step_trace", help="File stem of the JSON and PNG.")
     p.add_argument("--warmup", type=int, default=24)
     p.add_argument("--tokens", type=int, default=64, help="Steps timed whole, then as many timed in parts.")
@@ -179,13 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     rows = []
     for path in args.bundles:
-        cmd = [sys.executable, str(Path(__file__).resolve()), str(path), "--child", "--warmup", str(args.warmup),
-               "--tokens", str(args.tokens), "--traced", str(args.traced)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"step_trace: {path}: {(done.stderr.strip() or 'no output').splitlines()[-1]}", file=sys.stderr)
+        cmd = harness.python_cmd(__file__, path, "--child", "--warmup", args.warmup, "--tokens", args.tokens,
+                                 "--traced", args.traced)
+        try:
+            rows.append(harness.run_json_child(cmd))
+        except harness.ChildError as exc:
+            print(f"step_trace: {path}: {exc.last}", file=sys.stderr)
             return 1
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps({k: rows[-1][k] for k in ("bundle", "step_ms", "host_ms", "one_step", "by_class")}),
               flush=True)
     gpu = torch.cuda.get_device_name(0)

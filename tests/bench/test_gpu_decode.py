@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-import gpu_decode  # noqa: E402
+import gpu_decode           # bench/ is on sys.path (tests/bench/conftest.py)
 
 
 def _row(engine: str, n: int, ms: float) -> dict:
