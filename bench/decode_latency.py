@@ -10,10 +10,10 @@ tokens plus the new ones: the context's n tokens for full bundles, the exact tok
 
 Bundles come from `--bundles DIR...` (each bundle.json says its kind and n) and/or `--make`, which fits and
 exports what is missing under `--work` for every n of `--ns`. Latency depends only on the graph's shapes,
-not on how well the heads were fitted, so `--make` fits with few samples and one epoch (quality is not
-measured here). It calls the fitting library rather than `nectar-export fit --quick` because `fit` reserves
-512 new-token positions and SmolLM2 has 8192, which would refuse n = 8000; here the reserve is
-min(512, positions - n) (192 at n = 8000, enough for 64 + 64 tokens).
+not on how well the heads were fitted, so `--make` fits with few samples and one epoch (FitConfig's
+"shape" recipe; quality is not measured here). It calls the fitting library rather than `nectar-export fit`
+because `fit` reserves 512 new-token positions and SmolLM2 has 8192, which would refuse n = 8000; here the
+reserve is min(512, positions - n) (192 at n = 8000, enough for 64 + 64 tokens).
 
 Head size. With `--budget` (a fraction of the context's 2*n*d KV entries per layer and KV-head) the heads
 grow with n, and so does their share of the per-token cost. With `--head-params P` every n gets heads of
@@ -179,9 +179,7 @@ from nectar_export.models import resolve_checkpoint
 from nectar_export.fit import run_fit
 model, n, heads, out = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), Path(sys.argv[4])
 positions = json.loads((resolve_checkpoint(model) / "config.json").read_text())["max_position_embeddings"]
-config = FitConfig(model=model, context_tokens=n, **heads, reserve=min(512, positions - n),
-                   continuation=(16, 4, 2), repeat=(4, 1, 1), self_study=(4, 1, 1), answer_tokens=16,
-                   epochs=1, ablations=False)
+config = FitConfig.recipe("shape", model=model, context_tokens=n, **heads, reserve=min(512, positions - n))
 print(json.dumps(run_fit(config, out)["fit_seconds"]))
 """
 

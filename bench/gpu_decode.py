@@ -45,8 +45,9 @@ import harness
 ENGINES = ("nectar_ort_cuda", "full_ort_cuda", "hf_static")
 STAGES = ("checkpoint", "fit", "export", "measure")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
-QUICK = {"continuation": (16, 4, 2), "repeat": (4, 1, 1), "self_study": (4, 1, 1), "answer_tokens": 16,
-         "epochs": 1, "ablations": False}
+# --recipe NAME -> the FitConfig recipe and the fields on top. This script's "quick" has always meant heads of
+# the right shape and nothing more (FitConfig's "shape" recipe), not `fit --quick`; neither fits the ablations.
+RECIPES = {"default": ("default", {"ablations": False}), "quick": ("shape", {})}
 
 
 def log(message: str) -> None:
@@ -85,15 +86,20 @@ def context_file(work: Path, tokens_needed: int) -> Path:
     return path
 
 
+def fit_config(checkpoint: Path, context: Path, n: int, head_params: int, recipe: str, reserve: int):
+    """The FitConfig of `--recipe recipe` (RECIPES) for the checkpoint and context at n."""
+    from nectar_export.config import FitConfig
+
+    name, extra = RECIPES[recipe]
+    return FitConfig.recipe(name, model=str(checkpoint), context=str(context), context_tokens=n,
+                            head_params=head_params, reserve=reserve, **extra)
+
+
 def fit_one(checkpoint: Path, context: Path, n: int, head_params: int, recipe: str, reserve: int,
             out: Path, device: str) -> dict[str, Any]:
-    from nectar_export.config import FitConfig
     from nectar_export.fit import run_fit
 
-    extra = QUICK if recipe == "quick" else {"ablations": False}
-    config = FitConfig(model=str(checkpoint), context=str(context), context_tokens=n, head_params=head_params,
-                       reserve=reserve, **extra)
-    return run_fit(config, out, device=device)
+    return run_fit(fit_config(checkpoint, context, n, head_params, recipe, reserve), out, device=device)
 
 
 def export_one(artifact: Path, out: Path, baseline: bool, precision: str, cache: str, device: str) -> dict[str, Any]:
@@ -510,7 +516,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--head-params", type=int, default=131072,
                    help="Head parameters per layer and KV-head at every n (131072: the default 1/8 budget at 4K).")
-    p.add_argument("--recipe", choices=("default", "quick"), default="default", help="Fitting recipe at --timed-n.")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="default",
+                   help="Fitting recipe at --timed-n (quick: heads of the right shape only).")
     p.add_argument("--timed-n", type=int, default=32768, help="The n fitted with --recipe; other n use quick.")
     p.add_argument("--reserve", type=int, default=512, help="New-token positions after the context.")
     p.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")

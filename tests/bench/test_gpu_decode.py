@@ -34,6 +34,22 @@ def test_report_keeps_row_keys_and_draws(tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_recipe_flag_keeps_its_meaning(tmp_path):
+    """--recipe quick: heads of the right shape only (FitConfig's "shape" recipe, as the old QUICK fields);
+    default: the measured recipe; neither fits the ablations."""
+    from nectar_export.config import FitConfig
+
+    ckpt, context = tmp_path / "ckpt", tmp_path / "context.txt"
+    quick = gpu_decode.fit_config(ckpt, context, 4096, 1000, "quick", 32)
+    assert (quick.continuation, quick.repeat, quick.self_study, quick.answer_tokens, quick.epochs,
+            quick.ablations) == ((16, 4, 2), (4, 1, 1), (4, 1, 1), 16, 1, False)
+    assert quick == FitConfig.recipe("shape", model=str(ckpt), context=str(context), context_tokens=4096,
+                                     head_params=1000, reserve=32)
+    assert gpu_decode.fit_config(ckpt, context, 4096, 1000, "default", 32) == FitConfig(
+        model=str(ckpt), context=str(context), context_tokens=4096, head_params=1000, reserve=32, ablations=False)
+    assert gpu_decode.parser().parse_args(["--recipe", "quick"]).recipe == "quick"
+
+
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 49152}
 
