@@ -245,7 +245,9 @@ def measure_bundle(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
     """ort-cuda on one bundle; a static bundle also without its CUDA graph (the row is the faster, both kept)."""
     cmd = harness.python_cmd(harness.BENCH / "decode_latency.py", "--child", bundle, "--backend", "ort-cuda",
                              "--tokens", args.tokens, "--warmup", args.warmup, "--prompt-tokens", args.prompt_tokens)
-    static = json.loads((bundle / "bundle.json").read_text()).get("cache_layout") == "static"
+    from nectar_runtime.bundle import read_manifest
+
+    static = read_manifest(bundle).static
     runs = []
     for extra in ([[], ["--no-cuda-graph"]] if static else [[]]):
         try:
@@ -287,12 +289,13 @@ def hf_child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from nectar_export.artifact import read_heldout
     from nectar_export.export import TORCH_DTYPES
 
     dtype = TORCH_DTYPES[args.precision]
     model = AutoModelForCausalLM.from_pretrained(args.hf_child, dtype=dtype, attn_implementation="sdpa",
                                                  local_files_only=True).to("cuda").eval()
-    context = json.loads((args.artifact / "heldout.json").read_text())["context_ids"]
+    context = list(read_heldout(args.artifact).context_ids)
     prompt = [(17 * i + 11) % 30000 + 100 for i in range(args.prompt_tokens)]   # any ids: weights are random
     row = gpu_reference.hf_static_decode(model, context, prompt, args.tokens, args.warmup, compile=args.compile)
     return {**row, "n": len(context), "device_mem_mb": harness.gpu_mem_used_mb(),

@@ -56,6 +56,8 @@ TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "nu
 
 def test_stages_before_measuring_run_on_the_cpu_with_parallel_exports(tmp_path, tokenizer_dir):
     """checkpoint, fit and export of a tiny Qwen3-shaped model, exports two at a time in child processes."""
+    from nectar_runtime.bundle import load_bundle
+
     work = tmp_path / "work"
     code = gpu_decode.main(["--shape", "qwen3-1.7b", "--overrides", json.dumps(TINY), "--ns", "96,64",
                             "--stages", "checkpoint,fit,export", "--device", "cpu", "--jobs", "2",
@@ -66,8 +68,8 @@ def test_stages_before_measuring_run_on_the_cpu_with_parallel_exports(tmp_path, 
     names = {f"qwen3-1.7b-{kind}-{n}" for kind in ("nectar", "full") for n in (96, 64)}
     assert set(state["export"]) == names
     for name in names:
-        manifest = json.loads((work / name / "bundle.json").read_text())
-        assert manifest["cache_layout"] == "static" and manifest["kind"] == name.split("-")[2]
+        manifest = load_bundle(work / name, check_hashes=True).manifest
+        assert manifest.cache_layout == "static" and manifest.kind == name.split("-")[2]
         assert state["export"][name]["export_seconds"]["torch.onnx.export"] > 0
     assert set(state["fit"]) == {"96", "64"} and all(f["recipe"] == "quick" for f in state["fit"].values())
     # the disk plan made before any stage ran, against what the stages wrote
