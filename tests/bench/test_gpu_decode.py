@@ -23,9 +23,8 @@ def test_checks_compare_engines_at_the_largest_common_n():
 
 
 def test_report_keeps_row_keys_and_draws(tmp_path):
-    state = {"shape": "qwen3-1.7b", "gpu": "test", "fit": {}, "export": {}, "errors": [], "settings": {},
-             "floor": {"floor_ms": 0.84},
-             "rows": [{**_row("nectar_ort_cuda", 4096, 9.0), "variants": []}, _row("hf_static", 4096, 4.0)]}
+    state = gpu_decode.State(shape="qwen3-1.7b", gpu="test", floor={"floor_ms": 0.84},
+                             rows=[{**_row("nectar_ort_cuda", 4096, 9.0), "variants": []}, _row("hf_static", 4096, 4.0)])
     report = gpu_decode.write_report(state, tmp_path / "r.json", tmp_path / "r.png")
     written = json.loads((tmp_path / "r.json").read_text())
     assert written["rows"] == report["rows"] and written["floor_ms"] == 0.84
@@ -48,6 +47,22 @@ def test_recipe_flag_keeps_its_meaning(tmp_path):
     assert gpu_decode.fit_config(ckpt, context, 4096, 1000, "default", 32) == FitConfig(
         model=str(ckpt), context=str(context), context_tokens=4096, head_params=1000, reserve=32, ablations=False)
     assert gpu_decode.parser().parse_args(["--recipe", "quick"]).recipe == "quick"
+
+
+def test_state_file_keeps_its_keys(tmp_path):
+    """A state file as earlier runs wrote it loads and saves unchanged; a fresh one has only what exists yet."""
+    path = tmp_path / "qwen3-1.7b-state.json"
+    earlier = {"rows": [_row("nectar_ort_cuda", 4096, 9.0)], "fit": {"4096": {"recipe": "quick", "seconds": {}}},
+               "export": {"b": {"weight_bytes": 1}}, "errors": [{"step": "floor", "error": "x"}],
+               "shape": "qwen3-1.7b", "gpu": "test", "settings": {"ns": "4096"}, "disk_plan": {"b": 10},
+               "checkpoint": {"params": 5, "weight_bytes_fp32": 20}, "floor": {"floor_ms": 0.8}}
+    path.write_text(json.dumps(earlier))
+    state = gpu_decode.State.load(path)
+    state.add_row(_row("nectar_ort_cuda", 4096, 8.0))            # the same engine and n: replaced
+    state.save(path)
+    assert json.loads(path.read_text()) == {**earlier, "rows": [_row("nectar_ort_cuda", 4096, 8.0)]}
+    gpu_decode.State.load(tmp_path / "none.json").save(path)
+    assert set(json.loads(path.read_text())) == {"rows", "fit", "export", "errors", "shape", "gpu", "settings"}
 
 
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,

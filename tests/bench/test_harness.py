@@ -69,6 +69,13 @@ def test_no_module_touches_sys_path(module):
             and isinstance(node.value, ast.Name) and node.value.id == "sys"] == []
 
 
+@pytest.mark.parametrize("module", MODULES)
+def test_no_function_is_over_60_lines(module):
+    tree = ast.parse((harness.BENCH / module).read_text())
+    assert [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60] == []
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_runs_as_a_program_from_anywhere(script, tmp_path):
     """`python bench/X.py --help` from another folder: its sibling imports resolve from the script's own folder."""
