@@ -4,7 +4,8 @@ ONNX Runtime's own profiler times nodes only without the CUDA graph, where launc
 kernels cost. Here the step runs as the benchmark runs it (CUDA graph replay through `OrtCudaBackend`), and
 CUPTI, through torch's profiler, records each kernel the replay executes, whoever launched it. Per bundle:
 
-- `step_ms`: median wall time of `backend.step` for one token (what bench/decode_latency.py reports);
+- `step_ms`: median wall time of `backend.step` for one token, `backend.last_step.ms` (what
+  bench/decode_latency.py reports);
 - `host_ms`: medians of its parts: writing the three small inputs (`update_inputs`), the graph replay with
   its synchronization (`run`), and copying the logits to the host (`fetch_logits`);
 - `one_step`: the kernels of one replay: their count, the span from the first start to the last end, the
@@ -24,12 +25,12 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import harness              # bench/harness.py, beside this script
 
+HOST_PARTS = ("update_inputs", "run", "fetch_logits")      # what ort-cuda times inside a one-token static step
 STEP_GAP_US = 50.0               # host work between two replays leaves at least this much idle time
 CLASSES = (                      # (class, substrings of the kernel name), first match wins
     ("gemm", ("gemm", "nvjet", "splitKreduce", "cutlass")),
@@ -79,6 +80,20 @@ def summarize_step(step: list[dict[str, Any]]) -> dict[str, Any]:
             "by_kernel": sorted(([k, c, round(d, 1)] for k, (c, d) in by_kernel.items()), key=lambda x: -x[2])}
 
 
+def timed_steps(backend: Any, token: Iterator[int], count: int) -> tuple[list[float], dict[str, list[float]]]:
+    """`count` one-token steps, each timed whole and in its parts, as the backend times them (`last_step`)."""
+    import numpy as np
+
+    steps: list[float] = []
+    parts: dict[str, list[float]] = {name: [] for name in HOST_PARTS}
+    for _ in range(count):
+        backend.step(np.array([[next(token)]], dtype=np.int64))
+        steps.append(backend.last_step.ms)
+        for name in parts:
+            parts[name].append(backend.last_step.parts[name])
+    return steps, parts
+
+
 def measure(path: Path, warmup: int, tokens: int, traced: int, trace_file: Path) -> dict[str, Any]:
     """One bundle in this process: step and host-part medians, then a CUPTI trace of `traced` steps."""
     import numpy as np
@@ -101,15 +116,7 @@ def measure(path: Path, warmup: int, tokens: int, traced: int, trace_file: Path)
         backend.step(np.arange(100, 164, dtype=np.int64)[None])               # a 64-token question
         for _ in range(warmup):                                                # capture, then warm replays
             backend.step(np.array([[next(token)]], dtype=np.int64))
-        # each step whole (the wall time around backend.step) and in the parts the backend times inside it
-        steps: list[float] = []
-        parts: dict[str, list[float]] = {"update_inputs": [], "run": [], "fetch_logits": []}
-        for _ in range(tokens):
-            start = time.perf_counter()
-            backend.step(np.array([[next(token)]], dtype=np.int64))
-            steps.append((time.perf_counter() - start) * 1e3)
-            for name in parts:
-                parts[name].append(backend.last_step.parts[name])
+        steps, parts = timed_steps(backend, token, tokens)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(traced):
                 backend.step(np.array([[next(token)]], dtype=np.int64))
