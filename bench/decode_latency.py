@@ -10,10 +10,10 @@ tokens plus the new ones: the context's n tokens for full bundles, the exact tok
 
 Bundles come from `--bundles DIR...` (each bundle.json says its kind and n) and/or `--make`, which fits and
 exports what is missing under `--work` for every n of `--ns`. Latency depends only on the graph's shapes,
-not on how well the heads were fitted, so `--make` fits with few samples and one epoch (quality is not
-measured here). It calls the fitting library rather than `nectar-export fit --quick` because `fit` reserves
-512 new-token positions and SmolLM2 has 8192, which would refuse n = 8000; here the reserve is
-min(512, positions - n) (192 at n = 8000, enough for 64 + 64 tokens).
+not on how well the heads were fitted, so `--make` fits with few samples and one epoch (FitConfig's
+"shape" recipe; quality is not measured here). It calls the fitting library rather than `nectar-export fit`
+because `fit` reserves 512 new-token positions and SmolLM2 has 8192, which would refuse n = 8000; here the
+reserve is min(512, positions - n) (192 at n = 8000, enough for 64 + 64 tokens).
 
 Head size. With `--budget` (a fraction of the context's 2*n*d KV entries per layer and KV-head) the heads
 grow with n, and so does their share of the per-token cost. With `--head-params P` every n gets heads of
@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+import harness              # bench/harness.py: found beside this script (see its docstring)
 
 NS = (512, 1024, 2048, 4096, 8000)
 ROW_KEYS = ("n", "ms_per_token", "prefill_ms", "peak_rss_mb", "bundle_bytes", "kv_bytes")
@@ -62,13 +63,6 @@ def forced_tokens(tokenizer: Any, count: int) -> list[int]:
     """`count` ordinary text tokens to feed one per step."""
     ids = tokenizer.encode(FORCED_TEXT, add_special_tokens=False).ids
     return [ids[i % len(ids)] for i in range(count)]
-
-
-def gpu_mem_used_mb(index: int = 0) -> float:
-    """Device memory in use on GPU `index`, all processes, as nvidia-smi reports it (MiB)."""
-    done = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                          capture_output=True, text=True, check=True)
-    return float(done.stdout.strip().splitlines()[0])
 
 
 def summarize_profile(trace: Path, last_runs: int) -> dict[str, Any]:
@@ -134,7 +128,7 @@ def measure(path: Path, tokens: int, warmup: int, prompt_tokens: int, threads: i
         forced_decode(backend, prompt, feed[:warmup])                      # warm-up: first-run allocations
         result = forced_decode(backend, prompt, feed[:tokens])
         kv_bytes = kv_bytes_held(bundle, len(prompt) + tokens)
-        device_mem = gpu_mem_used_mb() if backend_name == "ort-cuda" else None
+        device_mem = harness.gpu_mem_used_mb() if backend_name == "ort-cuda" else None
         graphed = bool(getattr(backend, "cuda_graph", False))
         trace = summarize_profile(Path(backend.end_profiling()), tokens) if profile is not None else None
     return {"kind": bundle.kind, "n": bundle.manifest.n, "ms_per_token": round(statistics.median(result.token_ms), 4),
@@ -156,10 +150,10 @@ def kv_bytes_held(bundle: Any, new_tokens: int) -> int:
     return 2 * m.layers * m.kv_heads * m.head_dim * tokens * item
 
 
-def run_child(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """measure() in a fresh interpreter; its last stdout line is the row."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(path), "--tokens", str(args.tokens),
-           "--warmup", str(args.warmup), "--prompt-tokens", str(args.prompt_tokens)]
+def measure_in_child(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """measure() in a fresh interpreter (this script with --child); its last stdout line is the row."""
+    cmd = harness.python_cmd(__file__, "--child", path, "--tokens", args.tokens, "--warmup", args.warmup,
+                             "--prompt-tokens", args.prompt_tokens)
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.backend != "ort-cpu":
@@ -168,11 +162,10 @@ def run_child(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         cmd += ["--profile", str(args.profile)]
     if args.no_cuda_graph:
         cmd += ["--no-cuda-graph"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
-        raise SystemExit(f"error: measuring {path} failed: {lines[-1]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        return harness.run_json_child(cmd)
+    except harness.ChildError as exc:
+        raise SystemExit(f"error: measuring {path} failed: {exc.last}") from None
 
 
 # -- making bundles ----------------------------------------------------------------------------------
@@ -186,18 +179,17 @@ from nectar_export.models import resolve_checkpoint
 from nectar_export.fit import run_fit
 model, n, heads, out = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), Path(sys.argv[4])
 positions = json.loads((resolve_checkpoint(model) / "config.json").read_text())["max_position_embeddings"]
-config = FitConfig(model=model, context_tokens=n, **heads, reserve=min(512, positions - n),
-                   continuation=(16, 4, 2), repeat=(4, 1, 1), self_study=(4, 1, 1), answer_tokens=16,
-                   epochs=1, ablations=False)
+config = FitConfig.recipe("shape", model=model, context_tokens=n, **heads, reserve=min(512, positions - n))
 print(json.dumps(run_fit(config, out)["fit_seconds"]))
 """
 
 
 def _call(cmd: list[str], what: str) -> None:
     print(f"[bench] {what}", file=sys.stderr, flush=True)
-    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"error: {what} failed: {(done.stderr.strip() or 'no output').splitlines()[-1]}")
+    try:
+        harness.run_child(cmd)
+    except harness.ChildError as exc:
+        raise SystemExit(f"error: {what} failed: {exc.last}") from None
 
 
 def make_bundles(ns: Sequence[int], work: Path, model: str, budget: float, head_params: int | None) -> list[Path]:
@@ -252,35 +244,9 @@ def format_table(table: dict[str, list[dict[str, Any]]], ratio: dict[str, dict[s
     return "\n".join(lines)
 
 
-def plot_lines(series: dict[str, list[dict[str, Any]]], title: str, png: Path, floor: float | None = None) -> None:
-    """ms_per_token against n, one line per label (rows sorted by n), an optional dashed floor; log2 n axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, rows in series.items():
-        rows = sorted(rows, key=lambda r: r["n"])
-        if rows:
-            ax.plot([r["n"] for r in rows], [r["ms_per_token"] for r in rows], marker="o", label=label)
-    if floor:
-        ax.axhline(floor, linestyle="--", color="gray", label=f"weight-streaming floor {floor:.2f} ms")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context tokens n")
-    ax.set_ylabel("median ms per decoded token")
-    ax.set_title(title)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-
-
 def plot(table: dict[str, list[dict[str, Any]]], png: Path) -> None:
     """ms/token against n for both kinds."""
-    plot_lines({"Nectar": table["nectar"], "full attention": table["full"]},
+    harness.plot_lines({"Nectar": table["nectar"], "full attention": table["full"]},
                "Decode latency, ONNX Runtime CPU, batch 1", png)
 
 
@@ -335,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for path in dict.fromkeys(bundles):          # in the given order: --make alternates kinds at each n
         print(f"[bench] measuring {path}", file=sys.stderr, flush=True)
-        rows.append(run_child(path, args))
+        rows.append(measure_in_child(path, args))
     table = split_rows(rows)
     ratio = ratios(table)
     args.out.mkdir(parents=True, exist_ok=True)

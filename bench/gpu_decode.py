@@ -18,6 +18,10 @@ already under `--work` (so a run cut short by a time limit resumes where it stop
               plus, in this process, the device-to-device copy bandwidth and the floor: the model's weight
               bytes (in the bundle's precision) streamed once at that bandwidth.
 
+`run` calls one function per stage (stage_checkpoint, stage_fit, stage_export and collect_exports,
+stage_measure, stage_floor) on a `Job`: the flags, the paths under --work, and the `State` saved to
+WORK/<shape>-state.json after every step.
+
 The context is the Python reference manual repeated until it holds the largest n (a random-weight model
 does not care what it reads). Rows: {"engine", "n", "ms_per_token", "prefill_ms", "device_mem_mb"}, where
 device_mem_mb is the GPU memory in use at the end of the measured pass minus what was in use before the
@@ -36,19 +40,20 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import gpu_reference  # noqa: E402  (a sibling script, not a package)
+import gpu_reference        # bench/gpu_reference.py and bench/harness.py: found beside this script
+import harness
 
 ENGINES = ("nectar_ort_cuda", "full_ort_cuda", "hf_static")
 STAGES = ("checkpoint", "fit", "export", "measure")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
-QUICK = {"continuation": (16, 4, 2), "repeat": (4, 1, 1), "self_study": (4, 1, 1), "answer_tokens": 16,
-         "epochs": 1, "ablations": False}
+# --recipe NAME -> the FitConfig recipe and the fields on top. This script's "quick" has always meant heads of
+# the right shape and nothing more (FitConfig's "shape" recipe), not `fit --quick`; neither fits the ablations.
+RECIPES = {"default": ("default", {"ablations": False}), "quick": ("shape", {})}
+FIT_KEYS = ("seconds", "fit_seconds", "nectar_params", "samples")     # what the state keeps of run_fit's metrics
 
 
 def log(message: str) -> None:
@@ -87,15 +92,20 @@ def context_file(work: Path, tokens_needed: int) -> Path:
     return path
 
 
+def fit_config(checkpoint: Path, context: Path, n: int, head_params: int, recipe: str, reserve: int):
+    """The FitConfig of `--recipe recipe` (RECIPES) for the checkpoint and context at n."""
+    from nectar_export.config import FitConfig
+
+    name, extra = RECIPES[recipe]
+    return FitConfig.recipe(name, model=str(checkpoint), context=str(context), context_tokens=n,
+                            head_params=head_params, reserve=reserve, **extra)
+
+
 def fit_one(checkpoint: Path, context: Path, n: int, head_params: int, recipe: str, reserve: int,
             out: Path, device: str) -> dict[str, Any]:
-    from nectar_export.config import FitConfig
     from nectar_export.fit import run_fit
 
-    extra = QUICK if recipe == "quick" else {"ablations": False}
-    config = FitConfig(model=str(checkpoint), context=str(context), context_tokens=n, head_params=head_params,
-                       reserve=reserve, **extra)
-    return run_fit(config, out, device=device)
+    return run_fit(fit_config(checkpoint, context, n, head_params, recipe, reserve), out, device=device)
 
 
 def export_one(artifact: Path, out: Path, baseline: bool, precision: str, cache: str, device: str) -> dict[str, Any]:
@@ -127,8 +137,8 @@ class Exports:
             self.poll()
 
     def submit(self, artifact: Path, out: Path, baseline: bool) -> None:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--export-child", str(artifact), "--bundle", str(out),
-               "--precision", self.args.precision, "--cache", self.args.cache, "--device", self.args.device]
+        cmd = harness.python_cmd(__file__, "--export-child", artifact, "--bundle", out, "--precision",
+                                 self.args.precision, "--cache", self.args.cache, "--device", self.args.device)
         with self.lock:
             self.queued.append((out.name, cmd + (["--baseline"] if baseline else [])))
         self.poll()
@@ -143,13 +153,12 @@ class Exports:
             if proc.poll() is None:
                 continue
             del self.running[name]
-            text = log_path.read_text(errors="replace")
-            if proc.returncode == 0:
-                self.finished[name] = json.loads(text.strip().splitlines()[-1])
+            try:
+                self.finished[name] = harness.last_json(harness.check_child(
+                    proc.returncode, log_path.read_text(errors="replace")))
                 log(f"export {name}: {time.perf_counter() - start:.1f} s")
-            else:
-                tail = [line for line in text.strip().splitlines() if line.strip()][-3:] or ["no output"]
-                self.finished[name] = {"error": f"exit {proc.returncode}: " + " | ".join(tail)[:1500]}
+            except harness.ChildError as exc:
+                self.finished[name] = {"error": f"exit {exc.returncode}: {str(exc)[:1500]}"}
                 log(f"export {name} FAILED: {self.finished[name]['error']}")
         threads = str(max(1, (os.cpu_count() or 2) // max(1, self.jobs)))
         while self.queued and len(self.running) < self.jobs:
@@ -232,28 +241,24 @@ def release_device_memory() -> None:
 
 def run_engine(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """A measuring child; its last stdout line is its JSON row. Memory is counted from before it started."""
-    from decode_latency import gpu_mem_used_mb
-
-    base = gpu_mem_used_mb()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        tail = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-3:]
-        raise RuntimeError(" | ".join(tail))
-    row = json.loads(done.stdout.strip().splitlines()[-1])
+    base = harness.gpu_mem_used_mb()
+    row = harness.run_json_child(cmd, env)
     row["device_mem_mb"] = round(row.get("device_mem_mb", base) - base, 1)
     return row
 
 
 def measure_bundle(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
     """ort-cuda on one bundle; a static bundle also without its CUDA graph (the row is the faster, both kept)."""
-    cmd = [sys.executable, str(HERE / "decode_latency.py"), "--child", str(bundle), "--backend", "ort-cuda",
-           "--tokens", str(args.tokens), "--warmup", str(args.warmup), "--prompt-tokens", str(args.prompt_tokens)]
-    static = json.loads((bundle / "bundle.json").read_text()).get("cache_layout") == "static"
+    cmd = harness.python_cmd(harness.BENCH / "decode_latency.py", "--child", bundle, "--backend", "ort-cuda",
+                             "--tokens", args.tokens, "--warmup", args.warmup, "--prompt-tokens", args.prompt_tokens)
+    from nectar_runtime.bundle import read_manifest
+
+    static = read_manifest(bundle).static
     runs = []
     for extra in ([[], ["--no-cuda-graph"]] if static else [[]]):
         try:
             runs.append(run_engine(cmd + extra))
-        except RuntimeError as exc:
+        except harness.ChildError as exc:
             runs.append({"cuda_graph": not extra, "error": str(exc)[:500]})
     done = [r for r in runs if "ms_per_token" in r]
     if not done:
@@ -263,7 +268,7 @@ def measure_bundle(bundle: Path, args: argparse.Namespace) -> dict[str, Any]:
         try:
             traced = run_engine(cmd + ["--no-cuda-graph", "--profile", str(args.work / f"{bundle.name}-profile")])
             row["profile"] = {"ms_per_token": traced["ms_per_token"], **traced.get("profile", {})}
-        except RuntimeError as exc:
+        except harness.ChildError as exc:
             row["profile"] = {"error": str(exc)[:500]}
     return row
 
@@ -272,12 +277,12 @@ def measure_hf(checkpoint: Path, artifact: Path, args: argparse.Namespace) -> di
     """Eager, and with --compile also compiled (its own process); the row is the faster, both are kept."""
     runs = []
     for compiled in ([False, True] if args.compile else [False]):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-child", str(checkpoint), "--artifact",
-               str(artifact), "--precision", args.precision, "--tokens", str(args.tokens), "--warmup",
-               str(args.warmup), "--prompt-tokens", str(args.prompt_tokens)] + (["--compile"] if compiled else [])
+        cmd = harness.python_cmd(__file__, "--hf-child", checkpoint, "--artifact", artifact, "--precision",
+                                 args.precision, "--tokens", args.tokens, "--warmup", args.warmup, "--prompt-tokens",
+                                 args.prompt_tokens, *(["--compile"] if compiled else []))
         try:
             runs.append(run_engine(cmd))
-        except RuntimeError as exc:
+        except harness.ChildError as exc:
             if not compiled:
                 raise
             runs.append({"compiled": True, "error": str(exc)[:500]})
@@ -290,53 +295,110 @@ def hf_child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from decode_latency import gpu_mem_used_mb
+    from nectar_export.artifact import read_heldout
     from nectar_export.export import TORCH_DTYPES
 
     dtype = TORCH_DTYPES[args.precision]
     model = AutoModelForCausalLM.from_pretrained(args.hf_child, dtype=dtype, attn_implementation="sdpa",
                                                  local_files_only=True).to("cuda").eval()
-    context = json.loads((args.artifact / "heldout.json").read_text())["context_ids"]
+    context = list(read_heldout(args.artifact).context_ids)
     prompt = [(17 * i + 11) % 30000 + 100 for i in range(args.prompt_tokens)]   # any ids: weights are random
     row = gpu_reference.hf_static_decode(model, context, prompt, args.tokens, args.warmup, compile=args.compile)
-    return {**row, "n": len(context), "device_mem_mb": gpu_mem_used_mb(),
+    return {**row, "n": len(context), "device_mem_mb": harness.gpu_mem_used_mb(),
             "allocated_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
 
-# -- driver ------------------------------------------------------------------------------------------
+# -- the run's state ---------------------------------------------------------------------------------
 
 
-def load_state(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {"rows": [], "fit": {}, "export": {}, "errors": []}
+@dataclass
+class State:
+    """What the runs under --work have done: WORK/<shape>-state.json, saved after every step, so a run cut short
+    resumes where it stopped (finished stages and measured rows are skipped). Keys as saved: rows, fit, export,
+    errors, shape, gpu, settings, and disk_plan, checkpoint and floor once made."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)          # one per (engine, n), as measured
+    fit: dict[str, dict[str, Any]] = field(default_factory=dict)      # str(n) -> recipe, seconds, params, samples
+    export: dict[str, dict[str, Any]] = field(default_factory=dict)   # bundle name -> export_one's result
+    errors: list[dict[str, str]] = field(default_factory=list)        # {"step", "error"} of every failed step
+    shape: str = ""
+    gpu: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)            # the latest run's flags
+    disk_plan: dict[str, int] | None = None
+    checkpoint: dict[str, Any] | None = None                          # make_checkpoint's result
+    floor: dict[str, Any] | None = None                               # floor()'s result
+
+    @classmethod
+    def load(cls, path: Path) -> "State":
+        """The state saved at `path`; a fresh one when there is none."""
+        if not path.is_file():
+            return cls()
+        data = json.loads(path.read_text())
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+    def save(self, path: Path) -> None:
+        """Write the state through a temp file and a rename (what is not made yet is left out)."""
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({k: v for k, v in asdict(self).items() if v is not None}, indent=2))
+        os.replace(tmp, path)
+
+    def add_row(self, row: dict[str, Any]) -> None:
+        """Keep `row`, in place of an earlier one of the same engine and n."""
+        self.rows = [r for r in self.rows if (r["engine"], r["n"]) != (row["engine"], row["n"])] + [row]
 
 
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
+# -- the run -----------------------------------------------------------------------------------------
 
 
-def add_row(state: dict[str, Any], row: dict[str, Any]) -> None:
-    state["rows"] = [r for r in state["rows"] if (r["engine"], r["n"]) != (row["engine"], row["n"])] + [row]
+@dataclass
+class Job:
+    """One run of this script: its flags and what they pick, the paths under --work, and the state."""
 
+    args: argparse.Namespace
+    state: State
+    ns: list[int]                           # --ns, in order
+    full_ns: set[int]                       # the n that also get a full-attention bundle
+    stages: set[str]
+    overrides: dict[str, Any]               # --overrides, for the shape's config
+    context: Path | None = None             # the context text, written before the first fit
+    exports: Exports | None = None          # the export processes, with --jobs > 1
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
+    @classmethod
+    def start(cls, args: argparse.Namespace) -> "Job":
+        """The folders made, the state loaded and stamped with this run's shape, GPU and flags."""
+        import torch
 
-    args.work.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    state_path = args.work / f"{args.shape}-state.json"
-    state = load_state(state_path)
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    state.update(shape=args.shape, gpu=gpu, settings={
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("hf_child",)})
-    ns = [int(n) for n in args.ns.split(",")]
-    checkpoint = args.work / f"{args.shape}-ckpt"
-    stages = set(args.stages.split(","))
-    overrides = json.loads(args.overrides)
+        args.work.mkdir(parents=True, exist_ok=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        ns = [int(n) for n in args.ns.split(",")]
+        job = cls(args=args, state=State.load(args.work / f"{args.shape}-state.json"), ns=ns,
+                  full_ns={int(n) for n in args.full_ns.split(",")} if args.full_ns else set(ns),
+                  stages=set(args.stages.split(",")), overrides=json.loads(args.overrides))
+        job.state.shape = args.shape
+        job.state.gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+        job.state.settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                              if k != "hf_child"}
+        return job
 
-    def step(name: str, fn: Any) -> Any:
-        """Run fn, keep going on failure (recorded): later stages of other n may still run."""
+    @property
+    def checkpoint(self) -> Path:
+        return self.args.work / f"{self.args.shape}-ckpt"
+
+    def artifact(self, n: int) -> Path:
+        return self.args.work / f"{self.args.shape}-art-{n}"
+
+    def bundles(self, n: int) -> dict[str, Path]:
+        """The bundle folder of each ort-cuda engine at n (full attention only at the full n)."""
+        out = {"nectar_ort_cuda": self.args.work / f"{self.args.shape}-nectar-{n}"}
+        if n in self.full_ns:
+            out["full_ort_cuda"] = self.args.work / f"{self.args.shape}-full-{n}"
+        return out
+
+    def save(self) -> None:
+        self.state.save(self.args.work / f"{self.args.shape}-state.json")
+
+    def attempt(self, name: str, fn: Callable[[], Any]) -> Any:
+        """fn's result; on failure None, the error recorded (later stages of other n may still run). Saves."""
         log(name)
         start = time.perf_counter()
         try:
@@ -344,103 +406,139 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"{name}: {time.perf_counter() - start:.1f} s")
             return result
         except Exception as exc:                 # recorded in the JSON: a partial run still reports
-            state["errors"].append({"step": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+            self.state.errors.append({"step": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
             log(f"{name} FAILED: {exc}")
             return None
         finally:
-            save_state(state_path, state)
+            self.save()
 
-    full_ns = {int(n) for n in args.full_ns.split(",")} if args.full_ns else set(ns)
-    if stages & {"checkpoint", "export"}:
-        plan = disk_plan(args.shape, overrides, ns if "export" in stages else [], full_ns, args.precision,
-                         args.head_params, args.tokenizer, args.work,
-                         checkpoint if "checkpoint" in stages else None)
-        state["disk_plan"] = plan
-        check_disk(plan, shutil.disk_usage(args.work).free, args.work)
-    if "checkpoint" in stages and not (checkpoint / "config.json").is_file():
-        state["checkpoint"] = step("checkpoint", lambda: make_checkpoint(args.shape, args.tokenizer, checkpoint,
-                                                                        overrides))
-    context = context_file(args.work, max(ns) + 65536)          # room for continuation samples past the context
-    art = {n: args.work / f"{args.shape}-art-{n}" for n in ns}
 
-    def fit(n: int) -> None:
-        if "fit" in stages and not (art[n] / "nectar.json").is_file():
-            recipe = args.recipe if n == args.timed_n else "quick"
-            result = step(f"fit n={n} ({recipe})", lambda: fit_one(checkpoint, context, n, args.head_params, recipe,
-                                                                  args.reserve, art[n], args.device))
-            if result is not None:
-                state["fit"][str(n)] = {"recipe": recipe, "seconds": result["seconds"],
-                                        "fit_seconds": result["fit_seconds"], "nectar_params": result["nectar_params"],
-                                        "samples": result["samples"]}
-            release_device_memory()
+def is_artifact(path: Path) -> bool:
+    return (path / "nectar.json").is_file()
 
-    def bundles(n: int) -> dict[str, Path]:
-        out = {"nectar_ort_cuda": args.work / f"{args.shape}-nectar-{n}"}
-        if n in full_ns:
-            out["full_ort_cuda"] = args.work / f"{args.shape}-full-{n}"
-        return out
 
-    exports = Exports(args.jobs, args) if args.jobs > 1 else None
+def is_bundle(path: Path) -> bool:
+    return (path / "bundle.json").is_file()
 
-    def export(n: int) -> None:
-        """Each missing bundle of n: in this process, or handed to the export pool (--jobs > 1)."""
-        if "export" not in stages or not (art[n] / "nectar.json").is_file():
-            return
-        for engine, out in bundles(n).items():
-            if (out / "bundle.json").is_file():
-                continue
-            if exports is not None:
-                exports.submit(art[n], out, engine == "full_ort_cuda")
-                continue
-            result = step(f"export {out.name}", lambda: export_one(art[n], out, engine == "full_ort_cuda",
-                                                                     args.precision, args.cache, args.device))
-            if result is not None:
-                state["export"][out.name] = result
 
-    def collect_exports(names: set[str]) -> None:
-        if exports is None:
-            return
-        for name, result in exports.wait(names).items():
-            if "error" in result:
-                state["errors"].append({"step": f"export {name}", "error": result["error"]})
-            else:
-                state["export"][name] = result
-        save_state(state_path, state)
+def plan_disk(job: Job) -> None:
+    """Refuse, before any stage runs, a run whose checkpoint and bundles would not fit under --work."""
+    if not job.stages & {"checkpoint", "export"}:
+        return
+    a = job.args
+    plan = disk_plan(a.shape, job.overrides, job.ns if "export" in job.stages else [], job.full_ns, a.precision,
+                     a.head_params, a.tokenizer, a.work, job.checkpoint if "checkpoint" in job.stages else None)
+    job.state.disk_plan = plan
+    check_disk(plan, shutil.disk_usage(a.work).free, a.work)
 
-    def measure(n: int) -> None:
-        if "measure" not in stages:
-            return
-        done = {(r["engine"], r["n"]) for r in state["rows"]} if not args.remeasure else set()
-        for engine in args.engines.split(","):
-            if (engine, n) in done:                           # a resumed run keeps what it measured
-                continue
-            # exports still running beside this measurement (CPU work only; recorded with the row)
-            busy = {"concurrent_exports": len(exports.running) if exports is not None else 0}
-            if engine == "hf_static":
-                if (art[n] / "heldout.json").is_file():
-                    row = step(f"measure hf_static n={n}", lambda: measure_hf(checkpoint, art[n], args))
-                    if row is not None:
-                        add_row(state, {**row, "engine": "hf_static", "n": n, **busy})
-            elif engine in bundles(n) and (bundles(n)[engine] / "bundle.json").is_file():
-                row = step(f"measure {engine} n={n}", lambda: measure_bundle(bundles(n)[engine], args))
-                if row is not None:
-                    add_row(state, {**row, "engine": engine, **busy})
 
-    if args.timed_n in ns:
-        fit(args.timed_n)                                     # the number the issue asks for, first
-    for n in ns:
-        fit(n)
-        export(n)
-        if exports is None:
-            measure(n)
-    if exports is not None:
-        for n in ns:                                          # each n as soon as its bundles are written
-            collect_exports({out.name for out in bundles(n).values()})
-            measure(n)
-    if "measure" in stages:
-        state["floor"] = step("floor", lambda: floor(checkpoint, args.precision))
-    report = write_report(state, args.out / f"{args.shape}.json", args.out / f"{args.shape}.png")
-    save_state(state_path, state)
+def stage_checkpoint(job: Job) -> None:
+    """The random-weight checkpoint, unless it exists."""
+    if "checkpoint" in job.stages and not (job.checkpoint / "config.json").is_file():
+        a = job.args
+        job.state.checkpoint = job.attempt("checkpoint", lambda: make_checkpoint(a.shape, a.tokenizer, job.checkpoint,
+                                                                                 job.overrides))
+
+
+def stage_fit(job: Job, n: int) -> None:
+    """The artifact at n, unless it exists: --recipe at --timed-n, quick at every other n."""
+    if "fit" not in job.stages or is_artifact(job.artifact(n)):
+        return
+    a = job.args
+    recipe = a.recipe if n == a.timed_n else "quick"
+    result = job.attempt(f"fit n={n} ({recipe})", lambda: fit_one(job.checkpoint, job.context, n, a.head_params, recipe,
+                                                                  a.reserve, job.artifact(n), a.device))
+    if result is not None:
+        job.state.fit[str(n)] = {"recipe": recipe, **{k: result[k] for k in FIT_KEYS}}
+    release_device_memory()
+
+
+def stage_export(job: Job, n: int) -> None:
+    """Each missing bundle of n: exported in this process, or handed to the export processes (--jobs > 1)."""
+    if "export" not in job.stages or not is_artifact(job.artifact(n)):
+        return
+    a = job.args
+    for engine, out in job.bundles(n).items():
+        baseline = engine == "full_ort_cuda"
+        if is_bundle(out):
+            continue
+        if job.exports is not None:
+            job.exports.submit(job.artifact(n), out, baseline)
+            continue
+        result = job.attempt(f"export {out.name}", lambda: export_one(job.artifact(n), out, baseline, a.precision,
+                                                                        a.cache, a.device))
+        if result is not None:
+            job.state.export[out.name] = result
+
+
+def collect_exports(job: Job, n: int) -> None:
+    """Wait for the export processes of n's bundles (--jobs > 1) and record what each did."""
+    if job.exports is None:
+        return
+    for name, result in job.exports.wait({out.name for out in job.bundles(n).values()}).items():
+        if "error" in result:
+            job.state.errors.append({"step": f"export {name}", "error": result["error"]})
+        else:
+            job.state.export[name] = result
+    job.save()
+
+
+def stage_measure(job: Job, n: int) -> None:
+    """A row for each engine at n that has what it needs and no row yet (every engine with --remeasure)."""
+    if "measure" not in job.stages:
+        return
+    done = set() if job.args.remeasure else {(r["engine"], r["n"]) for r in job.state.rows}
+    for engine in job.args.engines.split(","):
+        if (engine, n) in done:                           # a resumed run keeps what it measured
+            continue
+        # exports still running beside this measurement (CPU work only; recorded with the row)
+        busy = {"concurrent_exports": len(job.exports.running) if job.exports is not None else 0}
+        row = measure_engine(job, engine, n)
+        if row is not None:
+            job.state.add_row({**row, **busy})
+
+
+def measure_engine(job: Job, engine: str, n: int) -> dict[str, Any] | None:
+    """One engine's row at n; None when it has nothing to measure yet or its measurement failed (recorded)."""
+    if engine == "hf_static":
+        if not (job.artifact(n) / "heldout.json").is_file():
+            return None
+        row = job.attempt(f"measure hf_static n={n}", lambda: measure_hf(job.checkpoint, job.artifact(n), job.args))
+        return None if row is None else {**row, "engine": engine, "n": n}
+    bundle = job.bundles(n).get(engine)
+    if bundle is None or not is_bundle(bundle):
+        return None
+    row = job.attempt(f"measure {engine} n={n}", lambda: measure_bundle(bundle, job.args))
+    return None if row is None else {**row, "engine": engine}
+
+
+def stage_floor(job: Job) -> None:
+    """The weight-streaming floor, with every measurement."""
+    if "measure" in job.stages:
+        job.state.floor = job.attempt("floor", lambda: floor(job.checkpoint, job.args.precision))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every stage for every n, each skipped where its output exists; then the report."""
+    job = Job.start(args)
+    plan_disk(job)
+    stage_checkpoint(job)
+    job.context = context_file(args.work, max(job.ns) + 65536)     # room for continuation samples past the context
+    job.exports = Exports(args.jobs, args) if args.jobs > 1 else None
+    if args.timed_n in job.ns:
+        stage_fit(job, args.timed_n)                                # the number the issue asks for, first
+    for n in job.ns:
+        stage_fit(job, n)
+        stage_export(job, n)
+        if job.exports is None:
+            stage_measure(job, n)
+    if job.exports is not None:
+        for n in job.ns:                                            # each n as soon as its bundles are written
+            collect_exports(job, n)
+            stage_measure(job, n)
+    stage_floor(job)
+    report = write_report(job.state, args.out / f"{args.shape}.json", args.out / f"{args.shape}.png")
+    job.save()
     return report
 
 
@@ -463,14 +561,15 @@ def floor(checkpoint: Path, precision: str) -> dict[str, Any]:
 ROW_KEYS = ("engine", "n", "ms_per_token", "prefill_ms", "device_mem_mb")
 
 
-def write_report(state: dict[str, Any], json_path: Path, png: Path) -> dict[str, Any]:
-    rows = sorted(({k: r[k] for k in ROW_KEYS} for r in state["rows"]),
+def write_report(state: State, json_path: Path, png: Path) -> dict[str, Any]:
+    """OUT/<shape>.json (the rows with ROW_KEYS only, sorted by engine and n; every measured run beside them)
+    and its PNG."""
+    rows = sorted(({k: r[k] for k in ROW_KEYS} for r in state.rows),
                   key=lambda r: (ENGINES.index(r["engine"]), r["n"]))
-    floor_ms = (state.get("floor") or {}).get("floor_ms")
-    report = {"shape": state["shape"], "gpu": state["gpu"], "rows": rows, "floor_ms": floor_ms,
-              "floor": state.get("floor"), "fit": state["fit"], "export": state["export"],
-              "checks": checks(rows, floor_ms), "errors": state["errors"], "settings": state["settings"],
-              "runs": state["rows"]}
+    floor_ms = (state.floor or {}).get("floor_ms")
+    report = {"shape": state.shape, "gpu": state.gpu, "rows": rows, "floor_ms": floor_ms, "floor": state.floor,
+              "fit": state.fit, "export": state.export, "checks": checks(rows, floor_ms), "errors": state.errors,
+              "settings": state.settings, "runs": state.rows}
     json_path.write_text(json.dumps(report, indent=2))
     plot_report(report, png)
     return report
@@ -514,13 +613,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", choices=("static", "dynamic"), default="static",
                    help="KV layout of the bundles: static (in-place buffers, CUDA-graph decode) or dynamic.")
     p.add_argument("--work", type=Path, default=Path("/tmp/nectar-gpu"), help="Checkpoints, artifacts, bundles.")
-    p.add_argument("--out", type=Path, default=HERE / "results", help="Folder for <shape>.json and <shape>.png.")
+    p.add_argument("--out", type=Path, default=harness.RESULTS, help="Folder for <shape>.json and <shape>.png.")
     p.add_argument("--tokenizer", type=Path, help="Folder with tokenizer.json (+ tokenizer_config.json, template).")
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--head-params", type=int, default=131072,
                    help="Head parameters per layer and KV-head at every n (131072: the default 1/8 budget at 4K).")
-    p.add_argument("--recipe", choices=("default", "quick"), default="default", help="Fitting recipe at --timed-n.")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="default",
+                   help="Fitting recipe at --timed-n (quick: heads of the right shape only).")
     p.add_argument("--timed-n", type=int, default=32768, help="The n fitted with --recipe; other n use quick.")
     p.add_argument("--reserve", type=int, default=512, help="New-token positions after the context.")
     p.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")

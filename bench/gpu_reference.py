@@ -209,7 +209,7 @@ def hf_static_decode(model: torch.nn.Module, context_ids: list[int], prompt_ids:
 
 def plot_rows(rows: list[dict[str, Any]], floor: float | None, title: str, png: str | Path) -> None:
     """ms/token against context length n, one line per engine, with the bandwidth floor dashed."""
-    from decode_latency import plot_lines       # the sibling script's plot (bench/ is on sys.path)
+    import harness                              # bench/harness.py, beside this file
 
     engines = dict.fromkeys(r["engine"] for r in rows)
-    plot_lines({e: [r for r in rows if r["engine"] == e] for e in engines}, title, Path(png), floor)
+    harness.plot_lines({e: [r for r in rows if r["engine"] == e] for e in engines}, title, Path(png), floor)

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-HERE = Path(__file__).resolve().parent
+import harness              # bench/harness.py, beside this script
 LAYERS, REPLAYS = 28, 200
 HIDDEN, INTERMEDIATE, KV_HEADS, GROUP, HEAD_DIM = 2048, 6144, 8, 2, 128     # Qwen3-1.7B
 PAIR_HIDDEN = 177                                # hidden width per KV head of the run's heads (head_params 131072)
@@ -99,11 +99,7 @@ def measure() -> dict[str, float]:
 
 
 def plot(costs: dict[str, float], gpu: str, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     names = list(costs)
     ax.barh(names, [costs[n] for n in names], color="tab:blue")
@@ -118,7 +114,7 @@ def plot(costs: dict[str, float], gpu: str, png: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=HERE / "results", help="Folder for kernel_costs.json/.png.")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS, help="Folder for kernel_costs.json/.png.")
     args = parser.parse_args()
     import torch
 

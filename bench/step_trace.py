@@ -4,7 +4,8 @@ ONNX Runtime's own profiler times nodes only without the CUDA graph, where launc
 kernels cost. Here the step runs as the benchmark runs it (CUDA graph replay through `OrtCudaBackend`), and
 CUPTI, through torch's profiler, records each kernel the replay executes, whoever launched it. Per bundle:
 
-- `step_ms`: median wall time of `backend.step` for one token (what bench/decode_latency.py reports);
+- `step_ms`: median wall time of `backend.step` for one token, `backend.last_step.ms` (what
+  bench/decode_latency.py reports);
 - `host_ms`: medians of its parts: writing the three small inputs (`update_inputs`), the graph replay with
   its synchronization (`run`), and copying the logits to the host (`fetch_logits`);
 - `one_step`: the kernels of one replay: their count, the span from the first start to the last end, the
@@ -23,13 +24,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-HERE = Path(__file__).resolve().parent
+import harness              # bench/harness.py, beside this script
+
+HOST_PARTS = ("update_inputs", "run", "fetch_logits")      # what ort-cuda times inside a one-token static step
 STEP_GAP_US = 50.0               # host work between two replays leaves at least this much idle time
 CLASSES = (                      # (class, substrings of the kernel name), first match wins
     ("gemm", ("gemm", "nvjet", "splitKreduce", "cutlass")),
@@ -79,6 +80,20 @@ def summarize_step(step: list[dict[str, Any]]) -> dict[str, Any]:
             "by_kernel": sorted(([k, c, round(d, 1)] for k, (c, d) in by_kernel.items()), key=lambda x: -x[2])}
 
 
+def timed_steps(backend: Any, token: Iterator[int], count: int) -> tuple[list[float], dict[str, list[float]]]:
+    """`count` one-token steps, each timed whole and in its parts, as the backend times them (`last_step`)."""
+    import numpy as np
+
+    steps: list[float] = []
+    parts: dict[str, list[float]] = {name: [] for name in HOST_PARTS}
+    for _ in range(count):
+        backend.step(np.array([[next(token)]], dtype=np.int64))
+        steps.append(backend.last_step.ms)
+        for name in parts:
+            parts[name].append(backend.last_step.parts[name])
+    return steps, parts
+
+
 def measure(path: Path, warmup: int, tokens: int, traced: int, trace_file: Path) -> dict[str, Any]:
     """One bundle in this process: step and host-part medians, then a CUPTI trace of `traced` steps."""
     import numpy as np
@@ -101,15 +116,7 @@ def measure(path: Path, warmup: int, tokens: int, traced: int, trace_file: Path)
         backend.step(np.arange(100, 164, dtype=np.int64)[None])               # a 64-token question
         for _ in range(warmup):                                                # capture, then warm replays
             backend.step(np.array([[next(token)]], dtype=np.int64))
-        # each step whole (the wall time around backend.step) and in the parts the backend times inside it
-        steps: list[float] = []
-        parts: dict[str, list[float]] = {"update_inputs": [], "run": [], "fetch_logits": []}
-        for _ in range(tokens):
-            start = time.perf_counter()
-            backend.step(np.array([[next(token)]], dtype=np.int64))
-            steps.append((time.perf_counter() - start) * 1e3)
-            for name in parts:
-                parts[name].append(backend.last_step.parts[name])
+        steps, parts = timed_steps(backend, token, tokens)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(traced):
                 backend.step(np.array([[next(token)]], dtype=np.int64))
@@ -129,10 +136,7 @@ def measure(path: Path, warmup: int, tokens: int, traced: int, trace_file: Path)
 
 def plot(rows: list[dict[str, Any]], gpu: str, png: Path) -> None:
     """Stacked bars: one replay's busy microseconds per class of kernel, one bar per bundle."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     labels = [f"{r['kind']} n={r['n']}" for r in rows]
     classes = list(dict.fromkeys(c for r in rows for c in r["by_class"]))
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -156,7 +160,7 @@ def plot(rows: list[dict[str, Any]], gpu: str, png: Path) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="step_trace", description=__doc__.split("\n\n")[0])
     p.add_argument("bundles", nargs="+", type=Path)
-    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--out", type=Path, default=harness.RESULTS)
     p.add_argument("--name", default="step_trace", help="File stem of the JSON and PNG.")
     p.add_argument("--warmup", type=int, default=24)
     p.add_argument("--tokens", type=int, default=64, help="Steps timed whole, then as many timed in parts.")
@@ -179,13 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     rows = []
     for path in args.bundles:
-        cmd = [sys.executable, str(Path(__file__).resolve()), str(path), "--child", "--warmup", str(args.warmup),
-               "--tokens", str(args.tokens), "--traced", str(args.traced)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"step_trace: {path}: {(done.stderr.strip() or 'no output').splitlines()[-1]}", file=sys.stderr)
+        cmd = harness.python_cmd(__file__, path, "--child", "--warmup", args.warmup, "--tokens", args.tokens,
+                                 "--traced", args.traced)
+        try:
+            rows.append(harness.run_json_child(cmd))
+        except harness.ChildError as exc:
+            print(f"step_trace: {path}: {exc.last}", file=sys.stderr)
             return 1
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps({k: rows[-1][k] for k in ("bundle", "step_ms", "host_ms", "one_step", "by_class")}),
               flush=True)
     gpu = torch.cuda.get_device_name(0)

@@ -232,15 +232,13 @@ def chat(bundle: str, backend: str, **options: Any) -> None:
 @friendly_errors
 def bench(args: tuple[str, ...]) -> None:
     """Decode latency of Nectar and full-attention bundles against n (bench/decode_latency.py; --help there)."""
-    import importlib.util
+    import subprocess
 
     script = Path(__file__).resolve().parents[1] / "bench" / "decode_latency.py"
     if not script.is_file():
         raise NectarError(f"{script} not found: the benchmark runs from a source checkout of nectar-export")
-    spec = importlib.util.spec_from_file_location("decode_latency", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.exit(module.main(list(args)))
+    # run as a program, as `python bench/decode_latency.py` is: its sibling modules (bench/harness.py) resolve
+    sys.exit(subprocess.call([sys.executable, str(script), *args]))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-import gpu_decode  # noqa: E402
+import gpu_decode           # bench/ is on sys.path (tests/bench/conftest.py)
 
 
 def _row(engine: str, n: int, ms: float) -> dict:
@@ -27,9 +23,8 @@ def test_checks_compare_engines_at_the_largest_common_n():
 
 
 def test_report_keeps_row_keys_and_draws(tmp_path):
-    state = {"shape": "qwen3-1.7b", "gpu": "test", "fit": {}, "export": {}, "errors": [], "settings": {},
-             "floor": {"floor_ms": 0.84},
-             "rows": [{**_row("nectar_ort_cuda", 4096, 9.0), "variants": []}, _row("hf_static", 4096, 4.0)]}
+    state = gpu_decode.State(shape="qwen3-1.7b", gpu="test", floor={"floor_ms": 0.84},
+                             rows=[{**_row("nectar_ort_cuda", 4096, 9.0), "variants": []}, _row("hf_static", 4096, 4.0)])
     report = gpu_decode.write_report(state, tmp_path / "r.json", tmp_path / "r.png")
     written = json.loads((tmp_path / "r.json").read_text())
     assert written["rows"] == report["rows"] and written["floor_ms"] == 0.84
@@ -38,12 +33,46 @@ def test_report_keeps_row_keys_and_draws(tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_recipe_flag_keeps_its_meaning(tmp_path):
+    """--recipe quick: heads of the right shape only (FitConfig's "shape" recipe, as the old QUICK fields);
+    default: the measured recipe; neither fits the ablations."""
+    from nectar_export.config import FitConfig
+
+    ckpt, context = tmp_path / "ckpt", tmp_path / "context.txt"
+    quick = gpu_decode.fit_config(ckpt, context, 4096, 1000, "quick", 32)
+    assert (quick.continuation, quick.repeat, quick.self_study, quick.answer_tokens, quick.epochs,
+            quick.ablations) == ((16, 4, 2), (4, 1, 1), (4, 1, 1), 16, 1, False)
+    assert quick == FitConfig.recipe("shape", model=str(ckpt), context=str(context), context_tokens=4096,
+                                     head_params=1000, reserve=32)
+    assert gpu_decode.fit_config(ckpt, context, 4096, 1000, "default", 32) == FitConfig(
+        model=str(ckpt), context=str(context), context_tokens=4096, head_params=1000, reserve=32, ablations=False)
+    assert gpu_decode.parser().parse_args(["--recipe", "quick"]).recipe == "quick"
+
+
+def test_state_file_keeps_its_keys(tmp_path):
+    """A state file as earlier runs wrote it loads and saves unchanged; a fresh one has only what exists yet."""
+    path = tmp_path / "qwen3-1.7b-state.json"
+    earlier = {"rows": [_row("nectar_ort_cuda", 4096, 9.0)], "fit": {"4096": {"recipe": "quick", "seconds": {}}},
+               "export": {"b": {"weight_bytes": 1}}, "errors": [{"step": "floor", "error": "x"}],
+               "shape": "qwen3-1.7b", "gpu": "test", "settings": {"ns": "4096"}, "disk_plan": {"b": 10},
+               "checkpoint": {"params": 5, "weight_bytes_fp32": 20}, "floor": {"floor_ms": 0.8}}
+    path.write_text(json.dumps(earlier))
+    state = gpu_decode.State.load(path)
+    state.add_row(_row("nectar_ort_cuda", 4096, 8.0))            # the same engine and n: replaced
+    state.save(path)
+    assert json.loads(path.read_text()) == {**earlier, "rows": [_row("nectar_ort_cuda", 4096, 8.0)]}
+    gpu_decode.State.load(tmp_path / "none.json").save(path)
+    assert set(json.loads(path.read_text())) == {"rows", "fit", "export", "errors", "shape", "gpu", "settings"}
+
+
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 49152}
 
 
 def test_stages_before_measuring_run_on_the_cpu_with_parallel_exports(tmp_path, tokenizer_dir):
     """checkpoint, fit and export of a tiny Qwen3-shaped model, exports two at a time in child processes."""
+    from nectar_runtime.bundle import load_bundle
+
     work = tmp_path / "work"
     code = gpu_decode.main(["--shape", "qwen3-1.7b", "--overrides", json.dumps(TINY), "--ns", "96,64",
                             "--stages", "checkpoint,fit,export", "--device", "cpu", "--jobs", "2",
@@ -54,8 +83,8 @@ def test_stages_before_measuring_run_on_the_cpu_with_parallel_exports(tmp_path, 
     names = {f"qwen3-1.7b-{kind}-{n}" for kind in ("nectar", "full") for n in (96, 64)}
     assert set(state["export"]) == names
     for name in names:
-        manifest = json.loads((work / name / "bundle.json").read_text())
-        assert manifest["cache_layout"] == "static" and manifest["kind"] == name.split("-")[2]
+        manifest = load_bundle(work / name, check_hashes=True).manifest
+        assert manifest.cache_layout == "static" and manifest.kind == name.split("-")[2]
         assert state["export"][name]["export_seconds"]["torch.onnx.export"] > 0
     assert set(state["fit"]) == {"96", "64"} and all(f["recipe"] == "quick" for f in state["fit"].values())
     # the disk plan made before any stage ran, against what the stages wrote

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import ast
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import gpu_reference as ref  # noqa: E402
+import gpu_reference as ref  # bench/ is on sys.path (tests/bench/conftest.py)
 
 TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=256, bos_token_id=1, eos_token_id=2)
@@ -115,7 +111,7 @@ def test_plot_rows_writes_png(tmp_path):
 
 
 def test_module_imports_no_project_package():
-    tree = ast.parse((BENCH / "gpu_reference.py").read_text())
+    tree = ast.parse(Path(ref.__file__).read_text())
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not {name for name in names if name.startswith("nectar")}

@@ -6,10 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
+import kernel_costs         # bench/ is on sys.path (tests/bench/conftest.py)
 
-import kernel_costs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_refuses_without_a_gpu(tmp_path):

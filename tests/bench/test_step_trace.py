@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
+import step_trace           # bench/ is on sys.path (tests/bench/conftest.py)
 
-import step_trace  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_refuses_without_a_gpu(tmp_path):
@@ -55,3 +54,24 @@ def test_plot_writes_a_png(tmp_path):
             {"kind": "full", "n": 4096, "step_ms": 2.9, "one_step": {"kernels": 660}, "by_class": {"gemm": 1500.0}}]
     step_trace.plot(rows, "test GPU", tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_steps_are_timed_as_the_backend_times_them():
+    """step_ms and host_ms come from backend.last_step (its wall time and ort-cuda's parts), one token a step."""
+    from types import SimpleNamespace
+
+    class Backend:
+        def __init__(self):
+            self.fed, self.last_step = [], None
+
+        def step(self, ids):
+            self.fed.append(ids.tolist())
+            ms = float(len(self.fed))
+            self.last_step = SimpleNamespace(ms=ms, parts={"update_inputs": ms / 10, "run": ms / 2,
+                                                           "fetch_logits": ms / 5})
+
+    backend = Backend()
+    steps, parts = step_trace.timed_steps(backend, iter(range(200, 210)), 3)
+    assert backend.fed == [[[200]], [[201]], [[202]]]
+    assert steps == [1.0, 2.0, 3.0] and parts == {"update_inputs": [0.1, 0.2, 0.3], "run": [0.5, 1.0, 1.5],
+                                                  "fetch_logits": [0.2, 0.4, 0.6]}
