@@ -1,5 +1,5 @@
-"""The step graph's building blocks against their plain definitions, and the graph properties the CUDA
-provider depends on (checked on exported graphs, since no GPU runs here).
+"""graphs/step.py: the step graph's building blocks against their plain definitions, and the graph properties
+the CUDA provider depends on (checked on exported graphs, since no GPU runs here).
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from conftest import tiny_model
 from nectar_export.heads import MLPPair
 from nectar_graphs.trace import export_step
 from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, run_pipeline
 from nectar_graphs.step import WIDTH_ALIGN, JointPair, Rotary, StepModule, nectar_contexts
-from test_step_export import _heads
+from tests.helpers import random_heads, tiny_model
 
 
 def test_joint_pair_computes_the_pair():
@@ -55,7 +54,7 @@ def test_rotary_matrix_is_rotate_half_rotary():
 def fp16_graphs(request):
     """fp16 Nectar and full-attention step graphs (static layout) of a tiny model, as ONNX protos."""
     model = tiny_model(request.param)
-    pairs, keys, values = _heads(model)
+    pairs, keys, values = random_heads(model)
     out = {}
     for kind, contexts in (("nectar", nectar_contexts(pairs)), ("full", None)):
         graph = export_step(StepModule(model, contexts, static=True).eval())

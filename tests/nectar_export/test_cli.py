@@ -6,8 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-
-from conftest import run_cli
+from tests.helpers import run_cli
 
 
 def _assert_clean_failure(result: subprocess.CompletedProcess, out: Path, *words: str) -> None:
