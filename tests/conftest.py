@@ -1,14 +1,21 @@
-"""Shared fixtures: tiny random models of every supported architecture, built from configs in code."""
+"""The suite's one set of fixtures: the architecture parameter, and a tiny checkpoint with SmolLM2's tokenizer,
+the artifact the CLI fits for it and the bundles the CLI exports from that, each built once per session.
+
+Helpers that tests import (tiny models from configs in code, the CLI in a subprocess) are in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import TINY_CONFIGS, export_bundle, run_cli
+from tests.helpers import TINY_CONFIGS, run_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
@@ -19,7 +26,7 @@ def arch(request):
     return request.param
 
 
-# --- a tiny checkpoint with SmolLM2's tokenizer, and an artifact fitted for it through the CLI ---
+# --- a tiny checkpoint with SmolLM2's tokenizer, its artifact (fitted through the CLI) and bundles ---
 
 @pytest.fixture(scope="session")
 def tokenizer_dir():
@@ -28,31 +35,39 @@ def tokenizer_dir():
 
 
 def _checkpoint(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
+    """A 2-layer random Llama (GQA 6/2, head_dim 16) with SmolLM2's tokenizer and chat template.
+
+    Tied embeddings, as SmolLM2 has (the export must store the table once: test_cli_export checks the bundle's
+    weight bytes), and a wide init (std 0.2): at the default init a tied random model's greedy answer just
+    repeats the prompt's last token, which would make the runtime's token-for-token parity vacuous.
+    """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    import torch
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True)
+                         tie_word_embeddings=True, initializer_range=0.2)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory, tokenizer_dir):
+def tiny_ckpt(tmp_path_factory, tokenizer_dir) -> Path:
     return _checkpoint(tmp_path_factory.mktemp("tiny"), tokenizer_dir, seed=0)
 
 
 @pytest.fixture(scope="session")
-def other_ckpt(tmp_path_factory, tokenizer_dir):
+def other_ckpt(tmp_path_factory, tokenizer_dir) -> Path:
+    """tiny_ckpt's architecture with other weights (seed 1): another model fingerprint."""
     return _checkpoint(tmp_path_factory.mktemp("other"), tokenizer_dir, seed=1)
 
 
 @pytest.fixture(scope="session")
-def artifact(tmp_path_factory, tiny_ckpt):
+def artifact(tmp_path_factory, tiny_ckpt) -> Path:
+    """`nectar-export fit --quick --epochs 2` on 512 context tokens: the Nectar heads and both ablations, and
+    20 held-out self-study questions (the runtime's parity tests ask 10 of them)."""
     out = tmp_path_factory.mktemp("runs") / "art"
     result = run_cli("fit", "--model", str(tiny_ckpt), "--context-tokens", "512", "--quick", "--epochs", "2",
                      "-o", str(out))
@@ -61,10 +76,33 @@ def artifact(tmp_path_factory, tiny_ckpt):
 
 
 @pytest.fixture(scope="session")
-def nectar_bundle(tmp_path_factory, artifact):
-    return export_bundle(artifact, tmp_path_factory.mktemp("bundles") / "nectar")
+def bundles(tmp_path_factory, artifact) -> dict[str, Path]:
+    """fp32 bundles of the artifact, exported side by side by `nectar-export export`: "nectar", "full" (full
+    attention), and both with the static KV layout ("nectar_static", "full_static")."""
+    root = tmp_path_factory.mktemp("bundles")
+    outs = {kind: root / kind for kind in ("nectar", "full", "nectar_static", "full_static")}
+    procs = {kind: subprocess.Popen([sys.executable, "-m", "nectar_export.cli", "export", str(artifact), "-o",
+                                     str(out), *(["--baseline"] if kind.startswith("full") else []),
+                                     *(["--cache", "static"] if kind.endswith("static") else [])],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for kind, out in outs.items()}
+    for kind, proc in procs.items():
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"export {kind} failed: {err[-2000:]}"
+    return outs
 
 
 @pytest.fixture(scope="session")
-def full_bundle(tmp_path_factory, artifact):
-    return export_bundle(artifact, tmp_path_factory.mktemp("bundles") / "full", "--baseline")
+def nectar_bundle(bundles) -> Path:
+    return bundles["nectar"]
+
+
+@pytest.fixture(scope="session")
+def full_bundle(bundles) -> Path:
+    return bundles["full"]
+
+
+@pytest.fixture
+def bundle_copy(tmp_path, nectar_bundle) -> Path:
+    """A private copy of the Nectar bundle that a test may damage."""
+    return Path(shutil.copytree(nectar_bundle, tmp_path / "copy"))

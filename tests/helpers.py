@@ -7,6 +7,7 @@ tests/conftest.py.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,10 @@ def collected_layers(arch: str = "llama", n: int = 96, sinks: int = 2):
 def run_cli(*args: str, cwd: Path | None = None, input: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nectar_export.cli", *args], capture_output=True, text=True,
                           cwd=cwd, input=input, timeout=900)
+
+
+# the last line of `nectar-export run` and `python -m nectar_runtime`
+TIMING = re.compile(r"^\[ort-cpu\] prefill [\d.]+ ms \(\d+ prompt tokens\), [\d.]+ ms/token median over \d+ steps")
 
 
 def export_bundle(artifact: Path, out: Path, *flags: str) -> Path:

@@ -1,18 +1,9 @@
-"""`nectar-export run` / `chat` and `python -m nectar_runtime` in subprocesses, and the no-torch guarantee."""
+"""`nectar-export run` and `chat` on the tiny bundles, in subprocesses (`python -m nectar_runtime` and the
+no-torch guarantee: tests/runtime/test_main.py)."""
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-
-
-def run_cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nectar_export.cli", *args], capture_output=True, text=True,
-                          input=input, timeout=600)
-
-
-TIMING = re.compile(r"^\[ort-cpu\] prefill [\d.]+ ms \(\d+ prompt tokens\), [\d.]+ ms/token median over \d+ steps")
+from tests.helpers import TIMING, run_cli
 
 
 def test_run_prints_the_answer_then_the_timing_line(nectar_bundle):
@@ -52,33 +43,3 @@ def test_chat_answers_each_line_until_an_empty_one(nectar_bundle):
     timings = [line for line in done.stdout.splitlines() if TIMING.match(line)]
     assert len(timings) == 2                                 # the over-long question gets an error, not an exit
     assert done.stderr.count("error: ") == 1 and "window" in done.stderr
-
-
-def test_edge_entry_point(nectar_bundle):
-    done = subprocess.run([sys.executable, "-m", "nectar_runtime", str(nectar_bundle), "--prompt", "Hello?",
-                           "--max-new-tokens", "4", "--stream"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert TIMING.match(done.stdout.strip().splitlines()[-1])
-
-
-NO_TORCH = """
-import sys
-from nectar_runtime.generator import Generator
-from nectar_runtime.sampling import Sampling
-with Generator(sys.argv[1]) as g:
-    r = g.generate("What is in the manual?", Sampling(max_new_tokens=8, temperature=0.7, top_p=0.9))
-assert r.token_ids and r.prefill_ms > 0
-from nectar_export.cli import main
-try:
-    main(["run", sys.argv[1], "--prompt", "Hi", "--max-new-tokens", "3"])
-except SystemExit as exit:
-    assert exit.code in (0, None), exit.code
-print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
-"""
-
-
-def test_generation_imports_neither_torch_nor_transformers(nectar_bundle):
-    done = subprocess.run([sys.executable, "-c", NO_TORCH, str(nectar_bundle)], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[]"

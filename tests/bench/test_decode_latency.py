@@ -1,4 +1,4 @@
-"""bench/decode_latency.py on the tiny bundles with a few tokens: rows, ratios, JSON and PNG."""
+"""bench/decode_latency.py (`nectar-export bench`) on the tiny bundles with a few tokens: rows, ratios, JSON and PNG."""
 
 from __future__ import annotations
 
@@ -6,10 +6,7 @@ import json
 import subprocess
 import sys
 
-
-def run_cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nectar_export.cli", *args], capture_output=True, text=True,
-                          input=input, timeout=600)
+from tests.helpers import run_cli
 
 
 KEYS = {"n", "ms_per_token", "prefill_ms", "peak_rss_mb", "bundle_bytes", "kv_bytes"}
