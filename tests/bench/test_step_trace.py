@@ -7,12 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import step_trace  # noqa: E402
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device: nothing to refuse")
 def test_refuses_without_a_gpu(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "step_trace.py"), str(tmp_path / "bundle"),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
