@@ -1,5 +1,6 @@
-"""The suite's one set of fixtures: the architecture parameter, and a tiny checkpoint with SmolLM2's tokenizer,
-the artifact the CLI fits for it and the bundles the CLI exports from that, each built once per session.
+"""The suite's one set of fixtures: the architecture parameter; a tiny checkpoint with SmolLM2's tokenizer, the
+artifact the CLI fits for it and the bundles the CLI exports from that; static-layout step graphs traced once for
+tests/graphs. Each is built once per session.
 
 Helpers that tests import (tiny models from configs in code, the CLI in a subprocess) are in tests/helpers.py.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import TINY_CONFIGS, run_cli
+from tests.helpers import TINY_CONFIGS, random_heads, run_cli, tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
@@ -24,6 +25,23 @@ torch.set_num_threads(2)
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def arch(request):
     return request.param
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen3"])
+def static_traces(request):
+    """Static-layout step graphs of a tiny model, Nectar (random heads) and full attention, as export_step traces
+    them, before any pass: (arch, model, (pairs, keys, values), {kind: serialized ONNX}). Tracing is most of the
+    cost; test_trace_static_cache.py (fp32 passes) and test_step.py (fp16 passes) each load their own copy."""
+    import onnx_ir as ir
+
+    from nectar_graphs.step import StepModule, nectar_contexts
+    from nectar_graphs.trace import export_step
+
+    model = tiny_model(request.param)
+    pairs, keys, values = random_heads(model)
+    traced = {kind: ir.to_proto(export_step(StepModule(model, contexts, static=True).eval())).SerializeToString()
+              for kind, contexts in (("nectar", nectar_contexts(pairs)), ("full", None))}
+    return request.param, model, (pairs, keys, values), traced
 
 
 # --- a tiny checkpoint with SmolLM2's tokenizer, its artifact (fitted through the CLI) and bundles ---

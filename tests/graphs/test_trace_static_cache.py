@@ -4,22 +4,22 @@
 Same references as test_trace.py: the Hugging Face model in Nectar mode for the Nectar graph, and
 transformers' own attention with the context in its cache for the baseline. The buffers are longer than
 what is used, so masked slots are exercised, and the presents are fed back as the next step's past, as a
-runtime that binds the present to the past's memory would see them.
+runtime that binds the present to the past's memory would see them. The traces are conftest's static_traces,
+which test_step.py takes through fp16 passes.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import pytest
 import torch
 
 from nectar_export.attention import ExactContext, cache_keyword, nectar_mode
 from nectar_export.heads import HeadsContext
-from nectar_graphs.trace import export_step
 from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, op_counts, run_pipeline
-from nectar_graphs.step import StepModule, nectar_contexts
-from tests.helpers import (N, PROMPT, STEPS, TOL, ort_session, random_heads, tiny_model,
-                           torch_decode)
+from tests.helpers import N, PROMPT, STEPS, TOL, ort_session, torch_decode
 
 SPARE = 3          # buffer slots never filled
 
@@ -41,15 +41,13 @@ def _run_static(session, first_ids: torch.Tensor, steps: list[int], start: int, 
     return logits
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
-def static(request, tmp_path_factory):
-    arch = request.param
-    model = tiny_model(arch)
-    pairs, keys, values = random_heads(model)
+@pytest.fixture(scope="module")
+def static(static_traces, tmp_path_factory):
+    arch, model, (pairs, keys, values), traced = static_traces
     folder = tmp_path_factory.mktemp(f"static-{arch}")
     graphs = {}
-    for kind, contexts in (("nectar", nectar_contexts(pairs)), ("full", None)):
-        graph = export_step(StepModule(model, contexts, static=True).eval())
+    for kind in ("nectar", "full"):
+        graph = ir.from_proto(onnx.load_model_from_string(traced[kind]))
         run_pipeline(graph, [fold_constants, fuse_sibling_matmuls, convert_precision("fp32"), cleanup])
         graphs[kind] = (ort_session(graph, folder / f"{kind}.onnx"), graph)
     return arch, model, (pairs, keys, values), graphs
