@@ -1,4 +1,6 @@
-"""The CLI end to end on a tiny checkpoint, and its handling of bad input (clear error, no artifact)."""
+"""nectar_export/cli.py: `nectar-export fit` and `eval` end to end on a tiny checkpoint, and their handling of bad
+input (clear error, no artifact). The other commands: test_cli_export.py (export, verify, build) and
+test_cli_run.py (run, chat); bench: tests/bench/test_decode_latency.py."""
 
 from __future__ import annotations
 
