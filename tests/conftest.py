@@ -1,8 +1,14 @@
-"""Shared fixtures: tiny random models of every supported architecture, built from configs in code."""
+"""The suite's one set of fixtures: the architecture parameter; a tiny checkpoint with SmolLM2's tokenizer, the
+artifact the CLI fits for it and the bundles the CLI exports from that; static-layout step graphs traced once for
+tests/graphs. Each is built once per session.
+
+Helpers that tests import (tiny models from configs in code, the CLI in a subprocess) are in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,59 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import TINY_CONFIGS, random_heads, run_cli, tiny_model
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
-
-TINY = dict(vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
-            num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6)
-
-
-def _llama():
-    from transformers import LlamaConfig
-    return LlamaConfig(**TINY, rope_theta=10000.0)
-
-
-def _mistral():
-    from transformers import MistralConfig
-    return MistralConfig(**TINY, sliding_window=None)
-
-
-def _qwen2():
-    from transformers import Qwen2Config
-    return Qwen2Config(**TINY, use_sliding_window=False)
-
-
-def _qwen3():
-    from transformers import Qwen3Config
-    return Qwen3Config(**TINY, head_dim=16, use_sliding_window=False)   # q/k norm, head_dim != hidden/heads
-
-
-def _llama_rope_llama3():
-    """Llama 3's rotary scaling (Llama-3.1/3.2 checkpoints), sized so that it changes most frequencies here."""
-    from transformers import LlamaConfig
-    return LlamaConfig(**TINY, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                "original_max_position_embeddings": 64})
-
-
-def _qwen2_rope_yarn():
-    """YaRN rotary scaling (Qwen2.5's long-context setting): new frequencies and a scaled cos/sin."""
-    from transformers import Qwen2Config
-    return Qwen2Config(**TINY, use_sliding_window=False,
-                       rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 16.0,
-                                        "original_max_position_embeddings": 64})
-
-
-TINY_CONFIGS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3}
-VARIANTS = {"llama-rope-llama3": _llama_rope_llama3, "qwen2-rope-yarn": _qwen2_rope_yarn}       # not every architecture test needs these
-
-
-def tiny_model(arch: str, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config({**TINY_CONFIGS, **VARIANTS}[arch](), dtype=torch.float32)
-    return model.eval()
+# The bench scripts are programs, not a package: `python bench/X.py` puts bench/ first on sys.path, which is how
+# they import each other and bench/harness.py. Their tests import them the same way.
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
 
 
 @pytest.fixture(params=sorted(TINY_CONFIGS))
@@ -70,12 +32,24 @@ def arch(request):
     return request.param
 
 
-# --- a tiny checkpoint with SmolLM2's tokenizer, and an artifact fitted for it through the CLI ---
+@pytest.fixture(scope="session", params=["llama", "qwen3"])
+def static_traces(request):
+    """Static-layout step graphs of a tiny model, Nectar (random heads) and full attention, as export_step traces
+    them, before any pass: (arch, model, (pairs, keys, values), {kind: serialized ONNX}). Tracing is most of the
+    cost; test_trace_static_cache.py (fp32 passes) and test_step.py (fp16 passes) each load their own copy."""
+    import onnx_ir as ir
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nectar_export.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=900)
+    from nectar_graphs.step import StepModule, nectar_contexts
+    from nectar_graphs.trace import export_step
 
+    model = tiny_model(request.param)
+    pairs, keys, values = random_heads(model)
+    traced = {kind: ir.to_proto(export_step(StepModule(model, contexts, static=True).eval())).SerializeToString()
+              for kind, contexts in (("nectar", nectar_contexts(pairs)), ("full", None))}
+    return request.param, model, (pairs, keys, values), traced
+
+
+# --- a tiny checkpoint with SmolLM2's tokenizer, its artifact (fitted through the CLI) and bundles ---
 
 @pytest.fixture(scope="session")
 def tokenizer_dir():
@@ -84,31 +58,39 @@ def tokenizer_dir():
 
 
 def _checkpoint(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
+    """A 2-layer random Llama (GQA 6/2, head_dim 16) with SmolLM2's tokenizer and chat template.
+
+    Tied embeddings, as SmolLM2 has (the export must store the table once: test_cli_export checks the bundle's
+    weight bytes), and a wide init (std 0.2): at the default init a tied random model's greedy answer just
+    repeats the prompt's last token, which would make the runtime's token-for-token parity vacuous.
+    """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    import torch
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True)
+                         tie_word_embeddings=True, initializer_range=0.2)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory, tokenizer_dir):
+def tiny_ckpt(tmp_path_factory, tokenizer_dir) -> Path:
     return _checkpoint(tmp_path_factory.mktemp("tiny"), tokenizer_dir, seed=0)
 
 
 @pytest.fixture(scope="session")
-def other_ckpt(tmp_path_factory, tokenizer_dir):
+def other_ckpt(tmp_path_factory, tokenizer_dir) -> Path:
+    """tiny_ckpt's architecture with other weights (seed 1): another model fingerprint."""
     return _checkpoint(tmp_path_factory.mktemp("other"), tokenizer_dir, seed=1)
 
 
 @pytest.fixture(scope="session")
-def artifact(tmp_path_factory, tiny_ckpt):
+def artifact(tmp_path_factory, tiny_ckpt) -> Path:
+    """`nectar-export fit --quick --epochs 2` on 512 context tokens: the Nectar heads and both ablations, and
+    20 held-out self-study questions (the runtime's parity tests ask 10 of them)."""
     out = tmp_path_factory.mktemp("runs") / "art"
     result = run_cli("fit", "--model", str(tiny_ckpt), "--context-tokens", "512", "--quick", "--epochs", "2",
                      "-o", str(out))
@@ -116,17 +98,34 @@ def artifact(tmp_path_factory, tiny_ckpt):
     return out
 
 
-def export_bundle(artifact: Path, out: Path, *flags: str) -> Path:
-    result = run_cli("export", str(artifact), "-o", str(out), *flags)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory, artifact) -> dict[str, Path]:
+    """fp32 bundles of the artifact, exported side by side by `nectar-export export`: "nectar", "full" (full
+    attention), and both with the static KV layout ("nectar_static", "full_static")."""
+    root = tmp_path_factory.mktemp("bundles")
+    outs = {kind: root / kind for kind in ("nectar", "full", "nectar_static", "full_static")}
+    procs = {kind: subprocess.Popen([sys.executable, "-m", "nectar_export.cli", "export", str(artifact), "-o",
+                                     str(out), *(["--baseline"] if kind.startswith("full") else []),
+                                     *(["--cache", "static"] if kind.endswith("static") else [])],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for kind, out in outs.items()}
+    for kind, proc in procs.items():
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"export {kind} failed: {err[-2000:]}"
+    return outs
 
 
 @pytest.fixture(scope="session")
-def nectar_bundle(tmp_path_factory, artifact):
-    return export_bundle(artifact, tmp_path_factory.mktemp("bundles") / "nectar")
+def nectar_bundle(bundles) -> Path:
+    return bundles["nectar"]
 
 
 @pytest.fixture(scope="session")
-def full_bundle(tmp_path_factory, artifact):
-    return export_bundle(artifact, tmp_path_factory.mktemp("bundles") / "full", "--baseline")
+def full_bundle(bundles) -> Path:
+    return bundles["full"]
+
+
+@pytest.fixture
+def bundle_copy(tmp_path, nectar_bundle) -> Path:
+    """A private copy of the Nectar bundle that a test may damage."""
+    return Path(shutil.copytree(nectar_bundle, tmp_path / "copy"))

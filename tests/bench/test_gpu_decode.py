@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-import gpu_decode           # bench/ is on sys.path (tests/bench/conftest.py)
+import gpu_decode           # bench/ is on sys.path (tests/conftest.py)
 
 
 def _row(engine: str, n: int, ms: float) -> dict:

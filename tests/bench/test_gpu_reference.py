@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import gpu_reference as ref  # bench/ is on sys.path (tests/bench/conftest.py)
+import gpu_reference as ref  # bench/ is on sys.path (tests/conftest.py)
 
 TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=256, bos_token_id=1, eos_token_id=2)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import harness              # bench/ is on sys.path (tests/bench/conftest.py)
+import harness              # bench/ is on sys.path (tests/conftest.py)
 
 MODULES = sorted(p.name for p in harness.BENCH.glob("*.py"))
 SCRIPTS = [m for m in MODULES if 'if __name__ == "__main__":' in (harness.BENCH / m).read_text()]

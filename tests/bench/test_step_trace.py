@@ -7,11 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import step_trace           # bench/ is on sys.path (tests/bench/conftest.py)
+import numpy as np
+import pytest
+import torch
+
+import step_trace           # bench/ is on sys.path (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device: nothing to refuse")
 def test_refuses_without_a_gpu(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "step_trace.py"), str(tmp_path / "bundle"),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
@@ -56,22 +61,18 @@ def test_plot_writes_a_png(tmp_path):
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_steps_are_timed_as_the_backend_times_them():
-    """step_ms and host_ms come from backend.last_step (its wall time and ort-cuda's parts), one token a step."""
-    from types import SimpleNamespace
+def test_steps_are_timed_as_the_backend_times_them(bundles):
+    """step_ms and host_ms come from backend.last_step: the wall time and the parts ort-cuda's one-token static
+    step times (its fixed binding, run here bound to host memory), one token a step."""
+    from nectar_runtime.bundle import load_bundle
+    from tests.helpers import HostBoundBackend
 
-    class Backend:
-        def __init__(self):
-            self.fed, self.last_step = [], None
-
-        def step(self, ids):
-            self.fed.append(ids.tolist())
-            ms = float(len(self.fed))
-            self.last_step = SimpleNamespace(ms=ms, parts={"update_inputs": ms / 10, "run": ms / 2,
-                                                           "fetch_logits": ms / 5})
-
-    backend = Backend()
-    steps, parts = step_trace.timed_steps(backend, iter(range(200, 210)), 3)
-    assert backend.fed == [[[200]], [[201]], [[202]]]
-    assert steps == [1.0, 2.0, 3.0] and parts == {"update_inputs": [0.1, 0.2, 0.3], "run": [0.5, 1.0, 1.5],
-                                                  "fetch_logits": [0.2, 0.4, 0.6]}
+    with HostBoundBackend(load_bundle(bundles["nectar_static"])) as backend:
+        backend.step(np.arange(100, 108, dtype=np.int64)[None])            # a prompt first, as measure() does
+        steps, parts = step_trace.timed_steps(backend, iter(range(200, 210)), 3)
+        assert backend.new_tokens == 8 + 3
+    assert len(steps) == 3 and all(ms > 0 for ms in steps)
+    assert set(parts) == {"update_inputs", "run", "fetch_logits"} and all(len(v) == 3 for v in parts.values())
+    for i, ms in enumerate(steps):                     # the parts are inside the step, and the run is most of it
+        inside = sum(part[i] for part in parts.values())
+        assert 0 < inside <= ms and parts["run"][i] > parts["update_inputs"][i]

@@ -14,15 +14,7 @@ from nectar_runtime.backends.ort_cuda import OrtCudaBackend
 from nectar_runtime.bundle import load_bundle, read_manifest
 from nectar_runtime.errors import BackendError, BundleError
 from nectar_runtime.generator import Generator
-
-
-class HostBoundBackend(OrtCudaBackend):
-    """OrtCudaBackend's buffers and bindings exactly, with "cpu" as the device (what this machine can run)."""
-
-    device = "cpu"
-
-    def _open(self):
-        return ort, ort.InferenceSession(str(self.bundle.onnx_path), providers=["CPUExecutionProvider"])
+from tests.helpers import HostBoundBackend
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:

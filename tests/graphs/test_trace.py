@@ -1,4 +1,5 @@
-"""The exported step graph of every architecture against torch, in ONNX Runtime (CPU, its optimizations off).
+"""graphs/trace.py: the step graph export_step traces, for every architecture, against torch in ONNX Runtime
+(CPU, its optimizations off), dynamic cache layout (tests/graphs/test_trace_static_cache.py: the static one).
 
 Nectar graph: against the Hugging Face model with Nectar attention (random heads and exact tokens),
 over a prefill and ten decode steps; the exact tokens' KV is the graph's first past, as a bundle ships it.
@@ -8,47 +9,16 @@ Baseline graph: against transformers' own attention with the context's KV in its
 from __future__ import annotations
 
 import numpy as np
-import onnx
-import onnx_ir as ir
 import pytest
 import torch
 
-from conftest import tiny_model
-from nectar_export.attention import ExactContext, cache_keyword, forward, nectar_mode
-from nectar_export.heads import HeadsContext, MLPPair
+from nectar_export.attention import ExactContext, cache_keyword, nectar_mode
+from nectar_export.heads import HeadsContext
 from nectar_graphs.trace import export_step
 from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, run_pipeline
 from nectar_graphs.step import StepModule, nectar_contexts
-
-N, EXACT, PROMPT, STEPS, TOL = 37, 5, 6, 10, 1e-4
-
-
-def _session(model: ir.Model, path):
-    import onnxruntime as ort
-
-    proto = ir.to_proto(model)
-    onnx.save(proto, path)
-    onnx.checker.check_model(str(path), full_check=True)
-    onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _heads(model, seed: int = 1):
-    """Random MLP pairs and exact tokens per layer, scaled so their partial matters in the merge."""
-    cfg = model.config
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    g = torch.Generator().manual_seed(seed)
-    pairs, keys, values = [], [], []
-    for _ in range(cfg.num_hidden_layers):
-        pair = MLPPair(cfg.num_key_value_heads, dim, 16, 8)
-        for p in pair.parameters():
-            p.data = torch.randn(p.shape, generator=g) * 0.3
-        pairs.append(pair.eval())
-        keys.append(torch.randn(cfg.num_key_value_heads, EXACT, dim, generator=g))
-        values.append(torch.randn(cfg.num_key_value_heads, EXACT, dim, generator=g))
-    return pairs, keys, values
+from tests.helpers import (N, PROMPT, STEPS, TOL, ort_session, random_heads, tiny_model,
+                           torch_decode)
 
 
 def _run_graph(session, first_ids: torch.Tensor, steps: list[int], start: int, past: list[np.ndarray]) -> list[np.ndarray]:
@@ -66,20 +36,6 @@ def _run_graph(session, first_ids: torch.Tensor, steps: list[int], start: int, p
     return logits
 
 
-def _run_torch(model, first_ids: torch.Tensor, start: int, cache) -> tuple[list[np.ndarray], list[int]]:
-    """Greedy decode in torch: logits after the prefill and after each of STEPS tokens, and those tokens."""
-    ids, position, logits, tokens = first_ids, start, [], []
-    with torch.inference_mode():
-        for _ in range(STEPS + 1):
-            T = ids.shape[1]
-            out = forward(model, ids, torch.arange(position, position + T).unsqueeze(0), cache, logits_to_keep=1)[:, -1]
-            logits.append(out.numpy())
-            position += T
-            ids = out.argmax(-1, keepdim=True)
-            tokens.append(int(ids))
-    return logits, tokens[:-1]
-
-
 @pytest.mark.parametrize("plain_arch, variant", [("llama", "llama-rope-llama3"), ("qwen2", "qwen2-rope-yarn")])
 def test_rotary_variants_have_their_own_frequencies(plain_arch, variant):
     """The parity below covers a rotary scaling only if the variant's frequencies differ from the plain ones."""
@@ -92,13 +48,13 @@ def test_rotary_variants_have_their_own_frequencies(plain_arch, variant):
 def exported(request, tmp_path_factory):
     arch = request.param
     model = tiny_model(arch)
-    pairs, keys, values = _heads(model)
+    pairs, keys, values = random_heads(model)
     folder = tmp_path_factory.mktemp(arch)
     graphs = {}
     for kind, contexts in (("nectar", nectar_contexts(pairs)), ("full", None)):
         graph = export_step(StepModule(model, contexts).eval())
         reports = run_pipeline(graph, [fold_constants, fuse_sibling_matmuls, convert_precision("fp32"), cleanup])
-        graphs[kind] = (_session(graph, folder / f"{kind}.onnx"), reports, graph)
+        graphs[kind] = (ort_session(graph, folder / f"{kind}.onnx"), reports, graph)
     return arch, model, (pairs, keys, values), graphs
 
 
@@ -110,7 +66,7 @@ def test_nectar_graph_matches_torch_nectar_model(exported):
     prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(2))
     contexts = [HeadsContext(p, ExactContext(k, v)) for p, k, v in zip(pairs, keys, values)]
     with nectar_mode(model, contexts):
-        ref, tokens = _run_torch(model, prompt, N, DynamicCache(config=model.config))
+        ref, tokens = torch_decode(model, prompt, N, DynamicCache(config=model.config))
     exact = [t.unsqueeze(0).numpy() for k, v in zip(keys, values) for t in (k, v)]     # [1, Hkv, E, D] each
     got = _run_graph(session, prompt, tokens, N, exact)
     gaps = [float(np.abs(a - b).max()) for a, b in zip(got, ref)]
@@ -132,7 +88,7 @@ def test_baseline_graph_matches_transformers_full_attention(exported):
     with torch.inference_mode():
         model(input_ids=context, use_cache=True, **{cache_keyword(model): cache})   # stock attention
     past = [t.numpy().copy() for layer in cache.layers for t in (layer.keys, layer.values)]
-    ref, tokens = _run_torch(model, prompt, N, cache)
+    ref, tokens = torch_decode(model, prompt, N, cache)
     got = _run_graph(session, prompt, tokens, N, past)
     gaps = [float(np.abs(a - b).max()) for a, b in zip(got, ref)]
     assert max(gaps) < TOL, f"{arch}: logit gaps per step {gaps}"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import export_bundle, run_cli
+from tests.helpers import export_bundle, run_cli
 
 
 def _verify(bundle: Path, *flags: str) -> dict:

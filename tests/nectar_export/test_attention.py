@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import TINY_CONFIGS, tiny_model
 from nectar_export.attention import exact_partial, forward, merge, nectar_mode, softmax_partial
 from nectar_export.evaluate import exact_fn
 from nectar_export.heads import HeadsContext
 from nectar_export.models import SUPPORTED_ARCHITECTURES
 from nectar_export.prefill import prefill
+from tests.helpers import TINY_CONFIGS, tiny_model
 
 
 def test_every_supported_architecture_has_a_tiny_model():

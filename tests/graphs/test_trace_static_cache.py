@@ -1,24 +1,25 @@
-"""Static-cache step graphs (KV buffers of R slots, new tokens scattered into `cache_position`) against torch.
+"""graphs/trace.py, static cache layout: step graphs with KV buffers of R slots, new tokens scattered into
+`cache_position`, against torch.
 
-Same references as test_step_export.py: the Hugging Face model in Nectar mode for the Nectar graph, and
+Same references as test_trace.py: the Hugging Face model in Nectar mode for the Nectar graph, and
 transformers' own attention with the context in its cache for the baseline. The buffers are longer than
 what is used, so masked slots are exercised, and the presents are fed back as the next step's past, as a
-runtime that binds the present to the past's memory would see them.
+runtime that binds the present to the past's memory would see them. The traces are conftest's static_traces,
+which test_step.py takes through fp16 passes.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import pytest
 import torch
 
-from conftest import tiny_model
 from nectar_export.attention import ExactContext, cache_keyword, nectar_mode
 from nectar_export.heads import HeadsContext
-from nectar_graphs.trace import export_step
 from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, op_counts, run_pipeline
-from nectar_graphs.step import StepModule, nectar_contexts
-from test_step_export import N, PROMPT, STEPS, TOL, _heads, _run_torch, _session
+from tests.helpers import N, PROMPT, STEPS, TOL, ort_session, torch_decode
 
 SPARE = 3          # buffer slots never filled
 
@@ -40,17 +41,15 @@ def _run_static(session, first_ids: torch.Tensor, steps: list[int], start: int, 
     return logits
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
-def static(request, tmp_path_factory):
-    arch = request.param
-    model = tiny_model(arch)
-    pairs, keys, values = _heads(model)
+@pytest.fixture(scope="module")
+def static(static_traces, tmp_path_factory):
+    arch, model, (pairs, keys, values), traced = static_traces
     folder = tmp_path_factory.mktemp(f"static-{arch}")
     graphs = {}
-    for kind, contexts in (("nectar", nectar_contexts(pairs)), ("full", None)):
-        graph = export_step(StepModule(model, contexts, static=True).eval())
+    for kind in ("nectar", "full"):
+        graph = ir.from_proto(onnx.load_model_from_string(traced[kind]))
         run_pipeline(graph, [fold_constants, fuse_sibling_matmuls, convert_precision("fp32"), cleanup])
-        graphs[kind] = (_session(graph, folder / f"{kind}.onnx"), graph)
+        graphs[kind] = (ort_session(graph, folder / f"{kind}.onnx"), graph)
     return arch, model, (pairs, keys, values), graphs
 
 
@@ -61,7 +60,7 @@ def test_static_nectar_graph_matches_torch_nectar_model(static):
     prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(2))
     contexts = [HeadsContext(p, ExactContext(k, v)) for p, k, v in zip(pairs, keys, values)]
     with nectar_mode(model, contexts):
-        ref, tokens = _run_torch(model, prompt, N, DynamicCache(config=model.config))
+        ref, tokens = torch_decode(model, prompt, N, DynamicCache(config=model.config))
     cfg, dim, exact = model.config, keys[0].shape[-1], keys[0].shape[1]
     slots = exact + PROMPT + STEPS + SPARE
     rng = np.random.default_rng(0)          # junk in unfilled slots must not leak through the mask
@@ -91,7 +90,7 @@ def test_static_baseline_graph_matches_transformers_full_attention(static):
             buf = np.zeros((1, t.shape[1], N + PROMPT + STEPS + SPARE, t.shape[3]), np.float32)
             buf[:, :, :N] = t.numpy()
             buffers.append(buf)
-    ref, tokens = _run_torch(model, prompt, N, cache)
+    ref, tokens = torch_decode(model, prompt, N, cache)
     got = _run_static(graphs["full"][0], prompt, tokens, N, buffers, N)
     gaps = [float(np.abs(a - b).max()) for a, b in zip(got, ref)]
     assert max(gaps) < TOL, f"{arch}: logit gaps per step {gaps}"

@@ -1,5 +1,5 @@
-"""The step graph's building blocks against their plain definitions, and the graph properties the CUDA
-provider depends on (checked on exported graphs, since no GPU runs here).
+"""graphs/step.py: the step graph's building blocks against their plain definitions, and the graph properties
+the CUDA provider depends on (checked on exported graphs, since no GPU runs here).
 """
 
 from __future__ import annotations
@@ -10,12 +10,9 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from conftest import tiny_model
 from nectar_export.heads import MLPPair
-from nectar_graphs.trace import export_step
 from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, run_pipeline
-from nectar_graphs.step import WIDTH_ALIGN, JointPair, Rotary, StepModule, nectar_contexts
-from test_step_export import _heads
+from nectar_graphs.step import WIDTH_ALIGN, JointPair, Rotary
 
 
 def test_joint_pair_computes_the_pair():
@@ -51,17 +48,16 @@ def test_rotary_matrix_is_rotate_half_rotary():
     torch.testing.assert_close(x @ Rotary(inv_freq, scaling)(positions), expected, rtol=0, atol=1e-5)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
-def fp16_graphs(request):
+@pytest.fixture(scope="module")
+def fp16_graphs(static_traces):
     """fp16 Nectar and full-attention step graphs (static layout) of a tiny model, as ONNX protos."""
-    model = tiny_model(request.param)
-    pairs, keys, values = _heads(model)
+    arch, _, _, traced = static_traces
     out = {}
-    for kind, contexts in (("nectar", nectar_contexts(pairs)), ("full", None)):
-        graph = export_step(StepModule(model, contexts, static=True).eval())
+    for kind in ("nectar", "full"):
+        graph = ir.from_proto(onnx.load_model_from_string(traced[kind]))
         run_pipeline(graph, [fold_constants, convert_precision("fp16"), fuse_sibling_matmuls, cleanup])
         out[kind] = onnx.shape_inference.infer_shapes(ir.to_proto(graph))
-    return request.param, out
+    return arch, out
 
 
 def _shapes(proto: onnx.ModelProto) -> dict[str, list]:

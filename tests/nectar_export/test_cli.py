@@ -1,4 +1,6 @@
-"""The CLI end to end on a tiny checkpoint, and its handling of bad input (clear error, no artifact)."""
+"""nectar_export/cli.py: `nectar-export fit` and `eval` end to end on a tiny checkpoint, and their handling of bad
+input (clear error, no artifact). The other commands: test_cli_export.py (export, verify, build) and
+test_cli_run.py (run, chat); bench: tests/bench/test_decode_latency.py."""
 
 from __future__ import annotations
 
@@ -6,8 +8,9 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 
-from conftest import run_cli
+from tests.helpers import run_cli
 
 
 def _assert_clean_failure(result: subprocess.CompletedProcess, out: Path, *words: str) -> None:
@@ -120,7 +123,7 @@ def test_fit_on_a_gpu_this_torch_cannot_see(tmp_path, tiny_ckpt):
     import torch
 
     if torch.cuda.is_available():
-        return                                   # a CUDA machine can fit there; nothing to refuse
+        pytest.skip("this torch sees a CUDA device: fitting there is allowed, there is nothing to refuse")
     out = tmp_path / "out"
     result = run_cli("fit", "--model", str(tiny_ckpt), "--device", "cuda", "-o", str(out))
     _assert_clean_failure(result, out, "--device cuda", "no CUDA device")

@@ -1,0 +1,174 @@
+"""What tests share besides fixtures: tiny model configs, the CLI in a subprocess, step-graph parity pieces.
+
+Import it as `from tests.helpers import ...`: tests/ and its folders are packages, so pytest (import mode
+prepend) puts the repository root on sys.path whatever folder it is started on. Fixtures live in
+tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from nectar_runtime.backends.ort_cuda import OrtCudaBackend
+
+# --- tiny random models of every supported architecture, built from configs in code ---
+
+TINY = dict(vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+            num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6)
+
+
+def _llama():
+    from transformers import LlamaConfig
+    return LlamaConfig(**TINY, rope_theta=10000.0)
+
+
+def _mistral():
+    from transformers import MistralConfig
+    return MistralConfig(**TINY, sliding_window=None)
+
+
+def _qwen2():
+    from transformers import Qwen2Config
+    return Qwen2Config(**TINY, use_sliding_window=False)
+
+
+def _qwen3():
+    from transformers import Qwen3Config
+    return Qwen3Config(**TINY, head_dim=16, use_sliding_window=False)   # q/k norm, head_dim != hidden/heads
+
+
+def _llama_rope_llama3():
+    """Llama 3's rotary scaling (Llama-3.1/3.2 checkpoints), sized so that it changes most frequencies here."""
+    from transformers import LlamaConfig
+    return LlamaConfig(**TINY, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 64})
+
+
+def _qwen2_rope_yarn():
+    """YaRN rotary scaling (Qwen2.5's long-context setting): new frequencies and a scaled cos/sin."""
+    from transformers import Qwen2Config
+    return Qwen2Config(**TINY, use_sliding_window=False,
+                       rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 16.0,
+                                        "original_max_position_embeddings": 64})
+
+
+TINY_CONFIGS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3}
+VARIANTS = {"llama-rope-llama3": _llama_rope_llama3, "qwen2-rope-yarn": _qwen2_rope_yarn}       # not every architecture test needs these
+
+
+def tiny_model(arch: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config({**TINY_CONFIGS, **VARIANTS}[arch](), dtype=torch.float32)
+    return model.eval()
+
+
+def collected_layers(arch: str = "llama", n: int = 96, sinks: int = 2):
+    """A tiny model, its cache of n random context tokens, and per-layer train (24 samples) and validation
+    (6 samples) data with sinks exact tokens: what fitting sees, in small."""
+    from nectar_export.prefill import prefill
+    from nectar_export.queries import collect, targets
+    from nectar_export.samples import Sample
+
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(0)
+    cache = prefill(model, torch.randint(0, 256, (n,), generator=g).tolist(), progress=False)
+    make = lambda count: [Sample("continuation", tuple(torch.randint(0, 256, (24,), generator=g).tolist()))
+                          for _ in range(count)]
+    scaling = float(model.model.layers[0].self_attn.scaling)
+    exact = cache.exact_index(sinks, 0)
+    train = targets(collect(model, cache, make(24), batch_size=8, desc="train"), cache, exact, scaling)
+    val = targets(collect(model, cache, make(6), batch_size=8, desc="val"), cache, exact, scaling)
+    return model, cache, train, val
+
+
+# --- the CLI in a subprocess (it inherits PYTHONPATH, so it runs the code under test) ---
+
+def run_cli(*args: str, cwd: Path | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nectar_export.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, input=input, timeout=900)
+
+
+# the last line of `nectar-export run` and `python -m nectar_runtime`
+TIMING = re.compile(r"^\[ort-cpu\] prefill [\d.]+ ms \(\d+ prompt tokens\), [\d.]+ ms/token median over \d+ steps")
+
+
+def export_bundle(artifact: Path, out: Path, *flags: str) -> Path:
+    result = run_cli("export", str(artifact), "-o", str(out), *flags)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+# --- step graphs against torch (tests/graphs): random heads, ONNX Runtime sessions, the torch decode ---
+
+N, EXACT, PROMPT, STEPS, TOL = 37, 5, 6, 10, 1e-4     # context, exact tokens, prompt, decode steps, logit gap
+
+
+def ort_session(model, path):
+    """Save an onnx_ir model, check it in full, and open it in ONNX Runtime (CPU, its optimizations off)."""
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    proto = ir.to_proto(model)
+    onnx.save(proto, path)
+    onnx.checker.check_model(str(path), full_check=True)
+    onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def random_heads(model, seed: int = 1):
+    """Random MLP pairs and exact tokens per layer, scaled so their partial matters in the merge."""
+    from nectar_export.heads import MLPPair
+
+    cfg = model.config
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(seed)
+    pairs, keys, values = [], [], []
+    for _ in range(cfg.num_hidden_layers):
+        pair = MLPPair(cfg.num_key_value_heads, dim, 16, 8)
+        for p in pair.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+        pairs.append(pair.eval())
+        keys.append(torch.randn(cfg.num_key_value_heads, EXACT, dim, generator=g))
+        values.append(torch.randn(cfg.num_key_value_heads, EXACT, dim, generator=g))
+    return pairs, keys, values
+
+
+def torch_decode(model, first_ids: torch.Tensor, start: int, cache) -> tuple[list[np.ndarray], list[int]]:
+    """Greedy decode in torch: logits after the prefill and after each of STEPS tokens, and those tokens."""
+    from nectar_export.attention import forward
+
+    ids, position, logits, tokens = first_ids, start, [], []
+    with torch.inference_mode():
+        for _ in range(STEPS + 1):
+            T = ids.shape[1]
+            out = forward(model, ids, torch.arange(position, position + T).unsqueeze(0), cache, logits_to_keep=1)[:, -1]
+            logits.append(out.numpy())
+            position += T
+            ids = out.argmax(-1, keepdim=True)
+            tokens.append(int(ids))
+    return logits, tokens[:-1]
+
+
+
+class HostBoundBackend(OrtCudaBackend):
+    """OrtCudaBackend's buffers and bindings exactly (IOBinding, ping-pong or in-place static buffers, the fixed
+    one-token binding), with "cpu" as the device and ONNX Runtime's CPU provider: what a machine without a GPU
+    can run of the ort-cuda backend. A real session, not a stand-in."""
+
+    device = "cpu"
+
+    def _open(self):
+        return ort, ort.InferenceSession(str(self.bundle.onnx_path), providers=["CPUExecutionProvider"])
