@@ -7,8 +7,8 @@ and the child's last lines of output.
 
 How the scripts reach this module: each is run as `python bench/X.py`, and Python puts the script's own folder
 first on sys.path, so `import harness` (or `import gpu_reference`) finds the sibling file; the children they
-start are run the same way. `nectar-export bench` runs bench/decode_latency.py as such a program too, and the
-tests in tests/bench put bench/ on sys.path once, in their conftest.py, as the interpreter does for a script.
+start are run the same way. `nectar-export bench` runs bench/decode_latency.py as such a program too, and
+tests/conftest.py puts bench/ on sys.path once for the tests, as the interpreter does for a script.
 No script edits sys.path. Only the standard library is imported here (matplotlib when a plot is drawn): the
 GPU hosts that run these scripts have no matplotlib, and gpu_reference imports no project package.
 """
