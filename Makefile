@@ -20,9 +20,9 @@ install: $(BIN)/nectar-export
 
 # document -> fit -> export (Nectar and the full-attention baseline) -> run both on one question
 demo: install
-	$(BIN)/nectar-export fit --quick --no-ablations --context-tokens 1024 -o $(DEMO_DIR)/artifact
-	$(BIN)/nectar-export export $(DEMO_DIR)/artifact -o $(DEMO_DIR)/nectar
-	$(BIN)/nectar-export export $(DEMO_DIR)/artifact --baseline -o $(DEMO_DIR)/full
+	$(BIN)/nectar-export fit --quick --no-ablations --context-tokens 1024 --overwrite -o $(DEMO_DIR)/artifact
+	$(BIN)/nectar-export export $(DEMO_DIR)/artifact --overwrite -o $(DEMO_DIR)/nectar
+	$(BIN)/nectar-export export $(DEMO_DIR)/artifact --baseline --overwrite -o $(DEMO_DIR)/full
 	$(BIN)/nectar-export run $(DEMO_DIR)/nectar --prompt "$(QUESTION)" --max-new-tokens 64
 	$(BIN)/nectar-export run $(DEMO_DIR)/full --prompt "$(QUESTION)" --max-new-tokens 64
 

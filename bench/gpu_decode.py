@@ -300,7 +300,7 @@ def hf_child(args: argparse.Namespace) -> dict[str, Any]:
 
     dtype = TORCH_DTYPES[args.precision]
     model = AutoModelForCausalLM.from_pretrained(args.hf_child, dtype=dtype, attn_implementation="sdpa",
-                                                 local_files_only=True).to("cuda").eval()
+                                                 local_files_only=True, trust_remote_code=False).to("cuda").eval()
     context = list(read_heldout(args.artifact).context_ids)
     prompt = [(17 * i + 11) % 30000 + 100 for i in range(args.prompt_tokens)]   # any ids: weights are random
     row = gpu_reference.hf_static_decode(model, context, prompt, args.tokens, args.warmup, compile=args.compile)
@@ -551,7 +551,8 @@ def floor(checkpoint: Path, precision: str) -> dict[str, Any]:
 
     dtype = TORCH_DTYPES[precision]
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint), dtype=dtype)
+        config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     nbytes = gpu_reference.weight_bytes(model)
     bandwidth = gpu_reference.copy_bandwidth("cuda")
     return {"weight_bytes": nbytes, "bandwidth": bandwidth,

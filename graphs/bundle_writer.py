@@ -9,23 +9,21 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from nectar_graphs.files import staged_folder
-from nectar_runtime.bundle import (CONTEXT_FILE, MANIFEST, ONNX_FILE, TOKENIZER_FILE, BundleError, BundleManifest,
+from nectar_graphs.files import check_output_folder, staged_folder
+from nectar_runtime.bundle import (CONTEXT_FILE, ENGINE_FILE, MANIFEST, ONNX_FILE, TOKENIZER_FILE, BundleManifest,
                                    TensorSpec)
 
 EXTERNAL_DATA = "model.onnx.data"
 EXTERNAL_THRESHOLD = 1 << 30      # protobuf stops at 2 GB; move weights out well before that
 
 
-class BundleOutputError(BundleError):
-    pass
+OWNED = (MANIFEST, ONNX_FILE, EXTERNAL_DATA, TOKENIZER_FILE, CONTEXT_FILE, ENGINE_FILE)   # what export and build write
 
 
-def check_bundle_output(out: Path) -> None:
-    """Refuse to replace anything but an empty folder or an earlier bundle (checked before any work)."""
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise BundleOutputError(f"{out} exists and is not a bundle; choose an empty or new -o folder")
+def check_bundle_output(out: Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, an -o that is not empty or new, unless it is an earlier bundle and `overwrite` is
+    given; even then, one that holds files export does not write (replacing the folder would delete them)."""
+    check_output_folder(out, MANIFEST, OWNED, overwrite, "bundle")
 
 
 def weight_bytes(model: ir.Model) -> int:
@@ -57,11 +55,11 @@ def _check(path: Path) -> None:
 
 
 def write_bundle(out: Path, model: ir.Model, tokenizer_json: str, manifest: BundleManifest,
-                 context_kv: dict[str, np.ndarray] | None = None) -> BundleManifest:
+                 context_kv: dict[str, np.ndarray] | None = None, overwrite: bool = False) -> BundleManifest:
     """Save graph, tokenizer and the context KV (the whole context or the exact tokens) into a temp folder, check,
     then rename."""
     out = Path(out).expanduser()
-    check_bundle_output(out)
+    check_bundle_output(out, overwrite)
     with staged_folder(out) as tmp:
         external = weight_bytes(model) > EXTERNAL_THRESHOLD
         ir.save(model, tmp / ONNX_FILE, external_data=EXTERNAL_DATA if external else None)

@@ -24,8 +24,9 @@ from nectar_export.config import FitConfig
 from nectar_export.errors import NectarError
 from nectar_export.heads import MLPPair, Pair, QuadraturePair
 from nectar_export.samples import Sample
-from nectar_graphs.files import staged_folder, write_json
-from nectar_runtime.fields import Fields
+from nectar_graphs.files import check_output_folder, staged_folder, write_json
+from nectar_runtime.bundle import template_problem
+from nectar_runtime.fields import Fields, path_inside
 
 FORMAT = "nectar-artifact/1"
 MANIFEST = "nectar.json"
@@ -78,9 +79,12 @@ class ContextRecord:
     @classmethod
     def from_json(cls, f: Fields) -> "ContextRecord":
         n = f.count("n", 1, MAX_TOKENS)
+        template = f.get("question_template", str)
+        if (problem := template_problem(template)) is not None:
+            raise NectarError(f"{f.where}: the question template is refused: {problem}; {FIX}")
         return cls(source=f.get("source", str), sha256=f.get("sha256", str), n=n, sinks=f.count("sinks", 0, n),
                    window=f.count("window", 0, n), document_tokens=f.count("document_tokens", 0, n),
-                   prefix_text=f.get("prefix_text", str), question_template=f.get("question_template", str))
+                   prefix_text=f.get("prefix_text", str), question_template=template)
 
 
 @dataclass(frozen=True)
@@ -242,20 +246,22 @@ def _weights_file(variant: str) -> str:
     return WEIGHTS if variant == "nectar" else f"ablations/{variant}.safetensors"
 
 
-def check_output(out: Path) -> None:
-    """Refuse to replace anything but an empty folder or an earlier artifact (checked before any work)."""
-    out = out.expanduser()
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise NectarError(f"{out} exists and is not a Nectar artifact; choose an empty or new -o folder")
+OWNED = (MANIFEST, WEIGHTS, HELDOUT, "ablations/*.safetensors")     # what fit writes into an artifact
+
+
+def check_output(out: Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, an -o that is not empty or new, unless it is an earlier artifact and `overwrite`
+    is given; even then, one that holds files fit does not write (replacing the folder would delete them)."""
+    check_output_folder(out, MANIFEST, OWNED, overwrite, "Nectar artifact")
 
 
 def save_artifact(out: Path, manifest: ArtifactManifest, heads: dict[str, list[Pair]],
-                  heldout: HeldOut | None = None) -> ArtifactManifest:
+                  heldout: HeldOut | None = None, overwrite: bool = False) -> ArtifactManifest:
     """Write every variant's weights, heldout.json and the manifest into a temp folder, then move it into place."""
     from safetensors.torch import save_file
 
     out = out.expanduser()
-    check_output(out)
+    check_output(out, overwrite)
     manifest = dataclasses.replace(manifest, variants={
         v: VariantRecord(_weights_file(v), tuple(pair_shape(p) for p in pairs)) for v, pairs in heads.items()})
     with staged_folder(out) as tmp:
@@ -272,6 +278,7 @@ def save_artifact(out: Path, manifest: ArtifactManifest, heads: dict[str, list[P
 def _read_json(file: Path, what: str) -> Any:
     if not file.is_file():
         raise NectarError(f"{file.parent} is not a Nectar artifact (no {file.name}); {what}")
+    file = path_inside(file.parent, file.name, NectarError, "Nectar artifact")
     try:
         return json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -311,8 +318,9 @@ def _load_pairs(path: Path, spec: VariantRecord, model: ModelRecord) -> list[Pai
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    file = path_inside(path, spec.file, NectarError, "Nectar artifact")
     try:
-        tensors = load_file(str(path / spec.file))
+        tensors = load_file(str(file))
     except (FileNotFoundError, SafetensorError, OSError) as exc:
         raise NectarError(f"cannot read {path / spec.file}: {exc}") from None
     pairs = []

@@ -64,8 +64,9 @@ def main() -> None:
 @click.option("--quick", is_flag=True, help="Fewer samples and epochs: a demo in minutes, lower quality.")
 @click.option("--device", default="cpu", show_default=True, help="Where to fit: cpu, cuda or cuda:N.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier artifact at -o (never a folder holding other files).")
 @friendly_errors
-def fit(output: str, quick: bool, epochs: int | None, device: str, **options: Any) -> None:
+def fit(output: str, quick: bool, epochs: int | None, device: str, overwrite: bool, **options: Any) -> None:
     """Fit Nectar heads for a model and a document and write the artifact."""
     from nectar_export.config import FitConfig
 
@@ -75,7 +76,7 @@ def fit(output: str, quick: bool, epochs: int | None, device: str, **options: An
 
     from nectar_export.fit import run_fit
 
-    metrics = run_fit(config, Path(output), device)
+    metrics = run_fit(config, Path(output), device, overwrite)
     click.echo(f"wrote {output}: {metrics['nectar_params']:,} parameters for {metrics['kv_entries']:,} KV entries "
                f"({metrics['params_over_kv']:.3f}); fitting took {metrics['fit_seconds']:.0f} s")
 
@@ -108,6 +109,7 @@ def evaluate(artifact: str, model: str | None, questions: int | None, as_json: b
               help="Where to prefill the context (cpu, cuda, cuda:N); tracing always runs on the CPU.")
 @click.option("--cache", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
               help="KV layout: 'static' keeps fixed KV buffers written in place, so a GPU step can be a CUDA graph.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier bundle at -o (never a folder holding other files).")
 @friendly_errors
 def export_command(artifact: str, output: str, **options: Any) -> None:
     """Fuse an artifact's heads with the base decoder into an ONNX bundle."""

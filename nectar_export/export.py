@@ -34,6 +34,7 @@ class ExportConfig:
     model: str | None = None        # override the artifact's recorded model source
     device: str = "cpu"             # where the context is prefilled; the graph is always traced on the CPU
     cache: str = "dynamic"          # KV layout: "dynamic" (past grows) or "static" (fixed buffers, see step.py)
+    overwrite: bool = False         # replace an earlier bundle at `output`
 
 
 class Stages:
@@ -84,7 +85,7 @@ def run_export(config: ExportConfig) -> BundleManifest:
         raise NectarError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if config.cache not in CACHE_LAYOUTS:
         raise NectarError(f"unknown cache layout {config.cache!r}; choose one of {', '.join(CACHE_LAYOUTS)}")
-    check_bundle_output(config.output)
+    check_bundle_output(config.output, config.overwrite)
     manifest = read_manifest(config.artifact)
     # converting before fusing: the fused q|k|v and gate|up copies are made in the low precision
     passes = [fold_constants, convert_precision(config.precision), fuse_sibling_matmuls, cleanup]
@@ -105,7 +106,7 @@ def run_export(config: ExportConfig) -> BundleManifest:
         bundle = bundle_manifest(config, manifest, traced, reports, report, inputs, outputs)
         bundle.graph["export_seconds"] = stage.seconds       # the write stage's own time is not in the file
         return write_bundle(config.output, traced.graph, traced.tokenizer.backend_tokenizer.to_str(), bundle,
-                            context_kv)
+                            context_kv, config.overwrite)
     finally:
         stage.close()
 

@@ -85,12 +85,13 @@ class LayerSets:
     difficulty: list[float]
 
 
-def run_fit(config: FitConfig, out: Path, device: str = "cpu") -> dict[str, Any]:
+def run_fit(config: FitConfig, out: Path, device: str = "cpu", overwrite: bool = False) -> dict[str, Any]:
     """The whole fitting pipeline; writes the artifact to out and returns its manifest's metrics.
 
-    `device` only decides where the work runs (float32 everywhere), not what is fitted.
+    `device` only decides where the work runs (float32 everywhere), not what is fitted; `overwrite` lets it
+    replace an earlier artifact at `out`.
     """
-    check_output(out)
+    check_output(out, overwrite)
     dev = check_device(device)
     torch.manual_seed(config.seed)
     clock = Stopwatch()
@@ -124,7 +125,7 @@ def run_fit(config: FitConfig, out: Path, device: str = "cpu") -> dict[str, Any]
                                 config=config, fit=metrics)
     heldout = HeldOut(context_ids=tuple(context.ids), test=tuple(samples.splits["test"]))
     heads = {variant: [pair.cpu() for pair in pairs] for variant, pairs in heads.items()}
-    save_artifact(out, manifest, heads, heldout)
+    save_artifact(out, manifest, heads, heldout, overwrite)
     return metrics
 
 

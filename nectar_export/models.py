@@ -86,11 +86,33 @@ def _rope_type(config: Any) -> str:
     return "default"
 
 
+CODE_KEYS = ("auto_map",)                  # config keys that name Python code inside the model folder
+
+
+def refuse_custom_code(path: Path) -> None:
+    """Refuse, before transformers reads anything, a model folder whose config or tokenizer config asks to run
+    code from the folder (`auto_map`): transformers would ask on stdin, and a 'y' would run that code."""
+    for name in ("config.json", "tokenizer_config.json", "processor_config.json"):
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise NectarError(f"{file} is not valid JSON ({exc})") from None
+        found = [key for key in CODE_KEYS if isinstance(data, dict) and key in data]
+        if found:
+            raise NectarError(f"{file} asks to run Python code from the model folder ({found[0]}); nectar-export "
+                              "never runs a model's own code: use a checkpoint of a supported architecture "
+                              f"({', '.join(SUPPORTED_ARCHITECTURES)}) without custom code")
+
+
 def _read_config(path: Path) -> Any:
     from transformers import AutoConfig
 
+    refuse_custom_code(path)
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise NectarError(f"cannot read a model config in {path}: {exc}") from None
 
@@ -102,8 +124,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32",
+                                                     trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
         _save_plain_checkpoint(model, tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "nectar_source.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "size": gguf.stat().st_size}))
@@ -223,8 +246,9 @@ def load_model(spec: str = DEFAULT_MODEL) -> LoadedModel:
     config = _read_config(path)
     check_architecture(config, spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", local_files_only=True,
+                                                     trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise NectarError(f"cannot load the model in {path}: {exc}") from None
     model.eval()

@@ -37,12 +37,13 @@ import dataclasses
 import hashlib
 import json
 import os
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nectar_runtime.errors import BundleError
-from nectar_runtime.fields import Fields
+from nectar_runtime.fields import Fields, path_inside
 
 FORMAT = "nectar-bundle/2"
 READABLE = ("nectar-bundle/1", FORMAT)
@@ -61,6 +62,30 @@ PAST_TEMPLATES = {"key": "past_key_values.{layer}.key", "value": "past_key_value
                   "present_key": "present.{layer}.key", "present_value": "present.{layer}.value"}
 MAX_LAYERS = 1024                # bounds that no real decoder reaches; a larger number is a damaged manifest
 MAX_TOKENS = 1 << 24
+MAX_TEMPLATE = 1 << 16           # characters of the question template (chat templates' are a few dozen)
+
+
+def template_problem(template: str) -> str | None:
+    """Why a question template is unusable, or None: it must be a str.format text of at most MAX_TEMPLATE
+    characters whose only field is one plain `{question}` (a format spec such as `{question:>30000000}` would pad
+    the prompt to any length before the window is checked; other fields would fail or read attributes)."""
+    if len(template) > MAX_TEMPLATE:
+        return f"it has {len(template)} characters, more than {MAX_TEMPLATE}"
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as exc:
+        return f"it is not a format string ({exc})"
+    if fields != [("question", "", None)]:
+        shown = ", ".join("{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+                          for name, spec, conv in fields) or "none"
+        return f"its fields are {shown[:120]}; it must have exactly one plain {{question}}"
+    return None
+
+
+def inside(folder: Path, name: str) -> Path:
+    """folder / name for a file bundle.json lists, refused unless it lies inside the folder (see path_inside)."""
+    return path_inside(folder, name, BundleError, "bundle")
 
 
 def past_names(layers: int) -> list[str]:
@@ -235,6 +260,8 @@ class BundleManifest:
         if past != PAST_TEMPLATES:
             raise r.fail("past", f"the names {PAST_TEMPLATES}")
         template = r.child("template").get("question", str)
+        if (problem := template_problem(template)) is not None:
+            raise BundleError(f"{where}: the question template is refused: {problem}; re-export the bundle")
         manifest = cls(
             kind=kind, precision=r.choice("precision", PRECISIONS), kv_dtype=r.choice("kv_dtype", KV_DTYPES),
             n=n, first_position=r.count("first_position", 0, MAX_TOKENS),
@@ -255,6 +282,31 @@ class BundleManifest:
         tmp = folder / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(self.to_json(), indent=2))
         os.replace(tmp, folder / MANIFEST)
+
+
+def check_graph_io(manifest: BundleManifest, inputs: list[tuple[str, list]], outputs: list[tuple[str, list]],
+                   where: Path) -> None:
+    """Refuse a manifest whose numbers disagree with the graph's own inputs and outputs ((name, shape) pairs as
+    a runtime reports them): names and order, and the KV's heads and head size, the logits' vocabulary."""
+    third = "cache_position" if manifest.static else "attention_mask"
+    want_in = ["input_ids", "position_ids", third, *manifest.past_names()]
+    want_out = [manifest.logits_name, *manifest.present_names()]
+    names_in, names_out = [n for n, _ in inputs], [n for n, _ in outputs]
+    problem = None
+    if names_in != want_in or names_out != want_out:
+        problem = (f"it describes {manifest.layers} layers of the {manifest.cache_layout} layout ({len(want_in)} inputs, "
+                   f"{len(want_out)} outputs), the graph has {len(names_in)} inputs and {len(names_out)} outputs")
+    for name, shape in [*inputs[3:], *outputs[1:]]:                  # [B, Hkv, P, D] each
+        if not shape or len(shape) != 4:
+            continue
+        heads, dim = shape[1], shape[3]
+        if (isinstance(heads, int) and heads != manifest.kv_heads) or (isinstance(dim, int) and dim != manifest.head_dim):
+            problem = f"it says {manifest.kv_heads} KV heads of {manifest.head_dim}, the graph's {name} is {shape}"
+    logits = outputs[0][1] if outputs else None
+    if logits and isinstance(logits[-1], int) and logits[-1] != manifest.vocab_size:
+        problem = f"it says a vocabulary of {manifest.vocab_size}, the graph's logits have {logits[-1]}"
+    if problem:
+        raise BundleError(f"{where / MANIFEST} does not match {where / ONNX_FILE}: {problem}; re-export the bundle")
 
 
 @dataclass(frozen=True)
@@ -303,6 +355,7 @@ def read_manifest(path: str | Path) -> BundleManifest:
     file = Path(path).expanduser() / MANIFEST
     if not file.is_file():
         raise BundleError(f"{file.parent} is not a bundle (no {MANIFEST}); create one with `nectar-export export`")
+    file = inside(file.parent, MANIFEST)
     try:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -313,7 +366,7 @@ def read_manifest(path: str | Path) -> BundleManifest:
 def _check_files(path: Path, manifest: BundleManifest, check_hashes: bool) -> None:
     """Every listed file present with its size (and sha256), and the files a bundle of this kind needs listed."""
     for name, entry in manifest.files.items():
-        target = path / name
+        target = inside(path, name)
         if not target.is_file():
             raise BundleError(f"bundle file {target} is missing; re-export the bundle")
         size = target.stat().st_size

@@ -3,6 +3,7 @@ the key, what was found and what was expected (bundle.json and nectar.json both 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from nectar_runtime.errors import NectarError
@@ -66,3 +67,18 @@ class Fields:
 
 def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
+
+
+def path_inside(folder: Path, name: str, error: type[NectarError], kind: str) -> Path:
+    """folder / name for a file a manifest names, refused (one `error` line) unless `name` is a plain relative path
+    that stays inside the folder and no part of it is a symbolic link: a file we read never makes us read outside
+    its folder."""
+    relative = Path(name)
+    if not name or relative.is_absolute() or ".." in relative.parts:
+        raise error(f"{folder} names the file {name!r}, which is not a path inside the {kind} folder")
+    target = folder
+    for part in relative.parts:
+        target = target / part
+        if target.is_symlink():
+            raise error(f"{target} is a symbolic link; a {kind}'s files must be plain files inside its folder")
+    return target

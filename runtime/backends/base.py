@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from nectar_runtime.bundle import Bundle
+from nectar_runtime.bundle import Bundle, check_graph_io
 from nectar_runtime.errors import BackendError
 
 # static buffers' slot count is rounded up to this; see kv_capacity
@@ -196,6 +196,11 @@ class Backend:
         start = time.perf_counter()
         yield
         self._parts[part] = (time.perf_counter() - start) * 1e3
+
+    def check_session_io(self, session: Any) -> None:
+        """Refuse a bundle.json whose numbers disagree with the ONNX Runtime session's inputs and outputs."""
+        check_graph_io(self.manifest, [(a.name, a.shape) for a in session.get_inputs()],
+                       [(a.name, a.shape) for a in session.get_outputs()], self.bundle.path)
 
     def _require_active(self) -> None:
         if not self.active:

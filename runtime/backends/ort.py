@@ -72,6 +72,7 @@ class OrtCpuBackend(Backend):
         except Exception as exc:   # onnxruntime raises its own Fail/InvalidProtobuf types
             raise BackendError(f"ONNX Runtime cannot load {self.bundle.onnx_path}: "
                                f"{str(exc).splitlines()[0][:300]}") from None
+        self.check_session_io(self.session)
         self.kv_dtype = kv_numpy_dtype(self.manifest.kv_dtype)
         self.context = load_context_kv(self.bundle, self.kv_dtype) if self.bundle.cached_tokens else None
 

@@ -106,6 +106,7 @@ class OrtCudaBackend(Backend):
 
     def _activate_impl(self) -> None:
         self._ort, self.session = self._open()
+        self.check_session_io(self.session)
         self._binding = self.session.io_binding()
         self._runs = {graph: self._run_options(graph) for graph in ("1", "-1")}
         self.kv_dtype = kv_numpy_dtype(self.manifest.kv_dtype)

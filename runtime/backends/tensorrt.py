@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from nectar_runtime.backends.base import Backend, kv_capacity, leading_view
-from nectar_runtime.bundle import CONTEXT_FILE, Bundle
+from nectar_runtime.bundle import CONTEXT_FILE, Bundle, inside
 from nectar_runtime.errors import BackendError
 
 IDS, POSITIONS, MASK = "input_ids", "position_ids", "attention_mask"
@@ -83,7 +83,7 @@ class TensorRTBackend(Backend):
 
     def _engine_path(self) -> Path:
         entry = self.manifest.engines.get("tensorrt")
-        path = self.bundle.path / entry["file"] if entry else None
+        path = inside(self.bundle.path, str(entry.get("file", ""))) if isinstance(entry, dict) else None
         if path is None or not path.is_file():
             raise BackendError(f"bundle {self.bundle.path} has no TensorRT engine; build one with "
                                "`nectar-export build BUNDLE --engine tensorrt`")

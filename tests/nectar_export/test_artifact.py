@@ -68,7 +68,9 @@ def test_corrupt_weights_and_foreign_folders_are_refused(tmp_path):
 
 def test_rewriting_an_artifact_replaces_it_whole(tmp_path):
     save_artifact(tmp_path / "art", _manifest(), _heads())
-    save_artifact(tmp_path / "art", _manifest(), {"nectar": _heads()["nectar"]})
+    with pytest.raises(NectarError, match="already holds a Nectar artifact; pass --overwrite"):
+        save_artifact(tmp_path / "art", _manifest(), {"nectar": _heads()["nectar"]})
+    save_artifact(tmp_path / "art", _manifest(), {"nectar": _heads()["nectar"]}, overwrite=True)
     assert set(read_manifest(tmp_path / "art").variants) == {"nectar"} and not (tmp_path / "art" / "ablations").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
@@ -87,6 +89,8 @@ def test_manifest_and_heldout_round_trip_through_their_json(tmp_path):
     (lambda m: m["variants"]["nectar"].update(file="../../etc/passwd"), "a path inside the artifact folder"),
     (lambda m: m["variants"]["nectar"]["layers"].pop(), "2 pair shapes"),
     (lambda m: m["config"].update(family="rnn"), "config is not a fit configuration"),
+    (lambda m: m["context"].update(question_template="{question:>30000000}"), "exactly one plain {question}"),
+    (lambda m: m["context"].update(question_template="{question.__class__}"), "exactly one plain {question}"),
     (lambda m: m.update(format="nectar-artifact/9"), "this version reads 'nectar-artifact/1'"),
 ])
 def test_a_hand_edited_manifest_gets_one_line_naming_the_key(tmp_path, edit, words):
@@ -107,3 +111,13 @@ def test_a_missing_or_broken_heldout_is_a_clear_error(tmp_path):
     (tmp_path / "art" / "heldout.json").write_text('{"context_ids": [1, "x"], "test": []}')
     with pytest.raises(NectarError, match="context_ids .* expected a list of token ids"):
         read_heldout(tmp_path / "art")
+
+
+def test_a_weights_file_reached_through_a_symbolic_link_is_refused(tmp_path):
+    save_artifact(tmp_path / "art", _manifest(), _heads())
+    weights = tmp_path / "art" / "nectar.safetensors"
+    outside = tmp_path / "elsewhere.safetensors"
+    weights.rename(outside)
+    weights.symlink_to(outside)
+    with pytest.raises(NectarError, match="is a symbolic link"):
+        load_artifact(tmp_path / "art", MODEL)

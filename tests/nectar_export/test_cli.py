@@ -5,6 +5,7 @@ test_cli_run.py (run, chat); bench: tests/bench/test_decode_latency.py."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -136,3 +137,15 @@ def test_head_params_too_small_for_the_exact_tokens(tmp_path, tiny_ckpt):
     _assert_clean_failure(result, out, "--head-params 300 leaves", "raise the budget")
     result = run_cli("fit", "--model", str(tiny_ckpt), "--head-params", "0", "-o", str(out))
     _assert_clean_failure(result, out, "--head-params must be a positive")
+
+
+def test_fit_over_an_existing_artifact_needs_overwrite_and_never_deletes_other_files(artifact, tiny_ckpt, tmp_path):
+    """Issue 18: `fit -o` on an existing artifact replaced it without a word. Both refusals come before any work."""
+    out = tmp_path / "art"
+    shutil.copytree(artifact, out)
+    result = run_cli("fit", "--model", str(tiny_ckpt), "--context-tokens", "512", "-o", str(out))
+    assert result.returncode == 2 and "already holds a Nectar artifact; pass --overwrite" in result.stderr
+    (out / "ablations" / "notes.txt").write_text("keep me")
+    result = run_cli("fit", "--model", str(tiny_ckpt), "--context-tokens", "512", "-o", str(out), "--overwrite")
+    assert result.returncode == 2 and "ablations/notes.txt" in result.stderr.strip().splitlines()[-1]
+    assert (out / "ablations" / "notes.txt").read_text() == "keep me"

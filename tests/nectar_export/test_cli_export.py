@@ -137,3 +137,21 @@ def test_build_without_tensorrt_names_the_package(nectar_bundle, tmp_path):
     before = (bundle / "bundle.json").read_text()
     _fails(run_cli("build", str(bundle), "--engine", "tensorrt"), None, "pip install tensorrt")
     assert (bundle / "bundle.json").read_text() == before and not (bundle / "model.plan").exists()
+
+
+def test_export_over_an_existing_bundle_needs_overwrite_and_never_deletes_other_files(artifact, nectar_bundle, tmp_path):
+    """Issue 18: `export -o` on an existing bundle replaced it without a word, deleting unrelated files inside."""
+    out = tmp_path / "bundle"
+    shutil.copytree(nectar_bundle, out)
+    before = sorted(p.name for p in out.iterdir())
+    result = run_cli("export", str(artifact), "-o", str(out))
+    assert result.returncode == 2 and "already holds a bundle; pass --overwrite" in result.stderr.splitlines()[-1]
+    (out / "notes.txt").write_text("keep me")
+    result = run_cli("export", str(artifact), "-o", str(out), "--overwrite")
+    assert result.returncode == 2 and "notes.txt" in result.stderr.splitlines()[-1], result.stderr[-1000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(before + ["notes.txt"])
+    (out / "notes.txt").unlink()
+    result = run_cli("export", str(artifact), "-o", str(out), "--overwrite")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert not any(p.name.startswith(".bundle.") for p in tmp_path.iterdir())

@@ -90,3 +90,27 @@ def test_stale_conversions_are_pruned_and_live_ones_kept(tmp_path, monkeypatch):
 
     assert sorted(removed) == sorted([entries["gone"], entries["replaced"]])
     assert sorted(p.name for p in entries["live"].parent.iterdir()) == sorted([entries["live"].name, writing.name])
+
+
+@pytest.mark.parametrize("config_file", ["config.json", "tokenizer_config.json"])
+def test_a_model_folder_that_asks_to_run_its_own_code_is_refused_before_loading(tmp_path, config_file):
+    """Issue 18: an unknown model_type with an auto_map made transformers ask on stdin whether to run the folder's
+    code, and a 'y' ran it. The folder is refused before transformers reads it, whatever stdin says."""
+    from tests.helpers import run_cli
+
+    model = tmp_path / "evil"
+    model.mkdir()
+    marker = tmp_path / "code-ran"
+    (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                   "from transformers import PretrainedConfig\n"
+                                   "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")
+    config = {"model_type": "llama" if config_file != "config.json" else "evil"}
+    (model / "config.json").write_text(json.dumps(config))
+    (model / config_file).write_text(json.dumps({**config, "auto_map": {"AutoConfig": "evil.EvilConfig",
+                                                                         "AutoTokenizer": ["evil.EvilConfig", None]}}))
+    out = tmp_path / "art"
+    done = run_cli("fit", "--model", str(model), "-o", str(out), input="y\ny\ny\n")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-1500:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "asks to run Python code from the model folder" in last
+    assert not marker.exists() and not out.exists()

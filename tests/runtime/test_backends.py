@@ -4,6 +4,8 @@ ping-pong of the CUDA backend, bound to host memory, gives the plain CPU backend
 from __future__ import annotations
 
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -168,3 +170,14 @@ def test_verify_compares_the_kv_of_the_cuda_backend(bundles, kind, monkeypatch):
     assert set(bound["max_abs_diff_by_output"]) == {"logits"} | presents
     assert bound["max_abs_diff_by_output"] == cpu["max_abs_diff_by_output"]
     assert max(bound["max_abs_diff_by_output"][name] for name in presents) < 1e-4
+
+
+def test_a_manifest_that_disagrees_with_its_graph_is_refused(bundle_copy):
+    """Issue 18: bundle.json's numbers are checked against the graph's own inputs and outputs when a session opens
+    (a layer count within bounds but not the graph's, re-registered so that only the graph can tell)."""
+    data = json.loads((bundle_copy / "bundle.json").read_text())
+    data["layers"] = 3
+    (bundle_copy / "bundle.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError) as exc:
+        Generator(bundle_copy)
+    assert "does not match" in one_line(exc) and "3 layers" in str(exc.value)

@@ -152,6 +152,8 @@ def test_a_format_1_bundle_still_loads_and_reads_context_tokens_as_cached_tokens
     ("cached_tokens", N + 1, f"cached_tokens is {N + 1}, expected an integer in [0, {N}]"),
     ("stop_token_ids", [1, -2], "expected a list of token ids"),
     ("past", {"key": "k{layer}"}, "past is"),
+    ("template", {"question": "{question:>30000000}"}, "exactly one plain {question}"),
+    ("template", {"question": "{question}{0}"}, "exactly one plain {question}"),
 ])
 def test_a_hand_edited_bundle_json_gets_one_line_naming_the_key(tmp_path, key, value, words):
     bundle = _write_bundle(tmp_path / "b", kind="full")
@@ -161,3 +163,27 @@ def test_a_hand_edited_bundle_json_gets_one_line_naming_the_key(tmp_path, key, v
     with pytest.raises(BundleError) as info:
         load_bundle(bundle.path)
     assert words in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_a_listed_file_outside_the_folder_is_never_read(tmp_path, absolute):
+    """Issue 18: verify hashed any file bundle.json named, an absolute path or one above the folder."""
+    bundle = _write_bundle(tmp_path / "b")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret")
+    name = str(outside) if absolute else "../outside.txt"
+    data = json.loads((bundle.path / "bundle.json").read_text())
+    data["files"][name] = {"bytes": outside.stat().st_size, "sha256": "0" * 64}
+    (bundle.path / "bundle.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="not a path inside the bundle folder"):
+        load_bundle(bundle.path, check_hashes=True)
+
+
+def test_a_symbolic_link_inside_a_bundle_is_refused(tmp_path):
+    bundle = _write_bundle(tmp_path / "b")
+    tokenizer = bundle.path / "tokenizer.json"
+    outside = tmp_path / "tokenizer-elsewhere.json"
+    tokenizer.rename(outside)
+    tokenizer.symlink_to(outside)                      # same bytes, so only the link itself can give it away
+    with pytest.raises(BundleError, match="is a symbolic link"):
+        load_bundle(bundle.path, check_hashes=True)
