@@ -106,8 +106,9 @@ def test_artifact_of_another_model_is_refused(artifact, other_ckpt):
     result = run_cli("eval", str(artifact), "--model", str(other_ckpt))
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    manifest = json.loads((artifact / "nectar.json").read_text())
-    assert last.startswith("error: ") and manifest["model"]["fingerprint"][:16] in last
+    from nectar_export.artifact import read_manifest
+
+    assert last.startswith("error: ") and read_manifest(artifact).model.fingerprint[:16] in last
 
 
 def test_output_folder_that_is_not_an_artifact_is_left_alone(tmp_path, tiny_ckpt):
