@@ -217,9 +217,14 @@ def chat(bundle: str, backend: str, **options: Any) -> None:
         while True:
             if interactive:
                 click.echo("> ", nl=False, err=True)
-            question = sys.stdin.readline().strip()
-            if not question:
+            line = sys.stdin.buffer.readline()
+            if not line.strip():
                 break
+            try:
+                question = line.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:       # one bad line does not end the session either
+                click.echo(f"error: the question is not valid UTF-8 (byte {exc.start}); pass UTF-8 text", err=True)
+                continue
             try:
                 result = generator.generate(question, sampling, on_text=_echo_text)
             except GenerationError as exc:          # one bad question does not end the session

@@ -62,6 +62,14 @@ def load_tokenizer(bundle: Bundle) -> Any:
         raise GenerationError(f"cannot read {path}: {str(exc).splitlines()[0][:200]}; re-export the bundle") from None
 
 
+def finite(logits: np.ndarray, step: int) -> np.ndarray:
+    """The logits, or GenerationError when any is NaN or infinite (damaged weights give those, not an error)."""
+    if not np.isfinite(logits).all():
+        raise GenerationError(f"the graph returned non-finite logits at step {step}: the bundle's weights look damaged; "
+                              "check it with `nectar-export verify` or re-export it")
+    return logits
+
+
 class TextStream:
     """Incremental detokenizer: yields text only once it is complete (no split multi-byte characters).
 
@@ -120,6 +128,10 @@ class Generator:
         """Tokens of the question inside the bundle's template; GenerationError if empty or past the window."""
         if not question or not question.strip():
             raise GenerationError("the prompt is empty; pass the question to ask about the document")
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError as exc:             # undecodable bytes arrive as lone surrogates
+            raise GenerationError(f"the prompt is not valid UTF-8 (at character {exc.start}); pass UTF-8 text") from None
         ids = self.tokenizer.encode(self.bundle.prompt_text(question), add_special_tokens=False).ids
         return self.check_prompt(ids)
 
@@ -148,7 +160,7 @@ class Generator:
         limit = min(sampling.max_new_tokens, self.window - len(prompt) + 1)
         rng, text = sampling.rng(), TextStream(self.tokenizer)
         self.backend.reset(1)
-        logits = self.backend.step(np.array([prompt], dtype=np.int64))               # [1, V]
+        logits = finite(self.backend.step(np.array([prompt], dtype=np.int64)), 0)      # [1, V]
         result.prefill_ms = self.backend.last_step.ms
         while True:
             token = int(pick_next(logits, sampling, rng)[0])
@@ -161,7 +173,7 @@ class Generator:
             if len(result.token_ids) >= limit:
                 result.finish = "length" if limit == sampling.max_new_tokens else "window"
                 break
-            logits = self.backend.step(np.array([[token]], dtype=np.int64))
+            logits = finite(self.backend.step(np.array([[token]], dtype=np.int64)), len(result.token_ids))
             result.token_ms.append(self.backend.last_step.ms)
         if tail := text.flush():
             yield tail

@@ -22,10 +22,12 @@ class Sampling:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):        # NaN fails this too
+            raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise GenerationError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.seed < 0:
+            raise GenerationError(f"seed must be >= 0, got {self.seed}")
         if not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
 

@@ -36,7 +36,9 @@ def test_run_stream_and_sampling_flags(full_bundle):
 def test_run_errors_are_one_line_with_exit_2(nectar_bundle, tmp_path):
     cases = [(["--prompt", ""], "empty"), (["--prompt", "word " * 600], "window"),
              (["--prompt", "hi", "--backend", "tensorrt"], "nectar-export build"),
-             (["--prompt", "hi", "--top-p", "0"], "top_p")]
+             (["--prompt", "hi", "--top-p", "0"], "top_p"),
+             (["--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number"),   # issue 18
+             (["--prompt", "hi", "--seed", "-1"], "seed must be >= 0")]
     if "CUDAExecutionProvider" not in ort.get_available_providers():          # elsewhere ort-cuda runs
         cases.append((["--prompt", "hi", "--backend", "ort-cuda"], "onnxruntime-gpu"))
     for args, word in cases:
@@ -55,3 +57,20 @@ def test_chat_answers_each_line_until_an_empty_one(nectar_bundle):
     timings = [line for line in done.stdout.splitlines() if TIMING.match(line)]
     assert len(timings) == 2                                 # the over-long question gets an error, not an exit
     assert done.stderr.count("error: ") == 1 and "window" in done.stderr
+
+
+def test_invalid_utf8_is_one_error_line_and_does_not_end_a_chat(nectar_bundle):
+    """Issue 18: undecodable bytes in a question gave a traceback and ended the chat session."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "nectar_export.cli", "chat", str(nectar_bundle), "--max-new-tokens",
+                           "4"], input=b"caf\xe9 \xff?\nWhat is a list?\n\n", capture_output=True, timeout=600)
+    stderr = done.stderr.decode()
+    assert done.returncode == 0 and "Traceback" not in stderr, stderr[-1500:]
+    assert stderr.count("error: ") == 1 and "not valid UTF-8" in stderr
+    assert len([line for line in done.stdout.decode().splitlines() if TIMING.match(line)]) == 1
+    done = subprocess.run([sys.executable.encode(), b"-m", b"nectar_export.cli", b"run", str(nectar_bundle).encode(),
+                           b"--prompt", b"caf\xe9?"], capture_output=True, timeout=600)
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "not valid UTF-8" in lines[0], done.stderr[-1500:]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from nectar_runtime.errors import GenerationError
@@ -126,3 +124,22 @@ def test_sampled_generation_repeats_with_its_seed(nectar_bundle):
                                                                          seed=seed)).token_ids
         first, again, other = run(1), run(1), run(2)
     assert first == again and first != other
+
+
+def test_damaged_weights_stop_with_an_error_instead_of_an_empty_answer(bundle_copy):
+    """Issue 18: a weight overwritten with NaN (re-registered in bundle.json, so sizes and hashes agree) gave exit 0,
+    NaN logits and an empty answer. The runtime stops at the first non-finite logits."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from nectar_runtime.bundle import read_manifest
+
+    model = onnx.load(str(bundle_copy / "model.onnx"))
+    weight = max(model.graph.initializer, key=lambda w: int(np.prod(w.dims)))   # the largest: embeddings or head
+    weight.CopyFrom(numpy_helper.from_array(np.full(tuple(weight.dims), np.nan, np.float32), weight.name))
+    onnx.save(model, str(bundle_copy / "model.onnx"))
+    read_manifest(bundle_copy).with_files(bundle_copy, ["model.onnx"]).save(bundle_copy)
+    with Generator(bundle_copy, check_hashes=True) as generator:
+        with pytest.raises(GenerationError, match="non-finite logits at step 0: the bundle's weights look damaged"):
+            generator.generate("What is a list?", Sampling(max_new_tokens=4))
