@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -33,7 +32,8 @@ def check_output_folder(out: Path, manifest: str, owned: Iterable[str], overwrit
         raise NectarError(f"{out} exists and is not a {kind}; choose an empty or new -o folder")
     if not overwrite:
         raise NectarError(f"{out} already holds a {kind}; pass --overwrite to replace it, or choose another -o folder")
-    foreign = sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir() and not _owned(p.relative_to(out), owned))
+    foreign = sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                     if not p.is_dir() and not _owned(p.relative_to(out), owned))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise NectarError(f"{out} holds files that are not part of a {kind} ({shown}); replacing the {kind} would "
@@ -59,9 +59,3 @@ def staged_folder(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-
-def write_json(file: Path, data: object) -> None:
-    """Write JSON next to `file`, then rename it over `file` (readers never see half a manifest)."""
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, file)

@@ -24,9 +24,9 @@ from nectar_export.config import FitConfig
 from nectar_export.errors import NectarError
 from nectar_export.heads import MLPPair, Pair, QuadraturePair
 from nectar_export.samples import Sample
-from nectar_graphs.files import check_output_folder, staged_folder, write_json
+from nectar_graphs.files import check_output_folder, staged_folder
 from nectar_runtime.bundle import template_problem
-from nectar_runtime.fields import Fields, path_inside
+from nectar_runtime.fields import Fields, path_inside, write_json
 
 FORMAT = "nectar-artifact/1"
 MANIFEST = "nectar.json"

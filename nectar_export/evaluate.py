@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -10,7 +9,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from nectar_export.artifact import Artifact, load_artifact, read_manifest, record_eval
+from nectar_export.artifact import Artifact, ModelRecord, load_artifact, read_manifest, record_eval
 from nectar_export.attention import ContextAttention, exact_partial, forward, nectar_mode
 from nectar_export.queries import collect, targets
 from nectar_export.errors import NectarError
@@ -33,10 +32,10 @@ def heads_contexts(pairs: Sequence[Pair], cache: ContextCache, exact_index: torc
     return [HeadsContext(p, e) for p, e in zip(pairs, exact)]
 
 
-def window_size(params: int, n: int, shape: dict[str, int]) -> int:
+def window_size(params: int, n: int, model: ModelRecord) -> int:
     """k such that 2*k*d per (layer, KV-head) equals Nectar's parameter count there."""
-    per_head = params / (shape["layers"] * shape["kv_heads"])
-    return min(n - WINDOW_SINKS, max(1, round(per_head / (2 * shape["head_dim"]))))
+    per_head = params / (model.layers * model.kv_heads)
+    return min(n - WINDOW_SINKS, max(1, round(per_head / (2 * model.head_dim))))
 
 
 @torch.inference_mode()
@@ -125,11 +124,11 @@ def run_eval(path: Path, model_spec: str | None = None, questions_limit: int | N
     artifact: Artifact = load_artifact(path, loaded.fingerprint)
     model, tokenizer = loaded.model, loaded.tokenizer
     heldout = artifact.heldout()
-    n, shape, scaling = artifact.n, dataclasses.asdict(manifest.model), manifest.model.scaling
+    n, scaling = artifact.n, manifest.model.scaling
     cache = prefill(model, heldout.context_ids)
     exact = cache.exact_index(*artifact.exact_tokens)
-    k = window_size(manifest.nectar_params, n, shape)
-    methods: dict[str, list[Any]] = {"full": cache.exact(), "no_context": [None] * shape["layers"],
+    k = window_size(manifest.nectar_params, n, manifest.model)
+    methods: dict[str, list[Any]] = {"full": cache.exact(), "no_context": [None] * manifest.model.layers,
                                      "recent_window": cache.sink_window(WINDOW_SINKS, k)}
     for variant, pairs in artifact.heads.items():
         methods[variant] = heads_contexts(pairs, cache, exact)

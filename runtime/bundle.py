@@ -36,14 +36,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nectar_runtime.errors import BundleError
-from nectar_runtime.fields import Fields, path_inside
+from nectar_runtime.fields import Fields, path_inside, write_json
 
 FORMAT = "nectar-bundle/2"
 READABLE = ("nectar-bundle/1", FORMAT)
@@ -116,11 +115,6 @@ class FileEntry:
     @classmethod
     def of(cls, path: Path) -> "FileEntry":
         return cls(bytes=path.stat().st_size, sha256=sha256_file(path))
-
-
-def file_entry(path: Path) -> dict[str, Any]:
-    """bundle.json's `files` entry for a file (as JSON)."""
-    return dataclasses.asdict(FileEntry.of(path))
 
 
 @dataclass(frozen=True)
@@ -279,9 +273,7 @@ class BundleManifest:
 
     def save(self, folder: Path) -> None:
         """Write bundle.json into folder through a temp file and a rename (readers never see half of it)."""
-        tmp = folder / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(self.to_json(), indent=2))
-        os.replace(tmp, folder / MANIFEST)
+        write_json(folder / MANIFEST, self.to_json())
 
 
 def check_graph_io(manifest: BundleManifest, inputs: list[tuple[str, list]], outputs: list[tuple[str, list]],
@@ -342,12 +334,7 @@ class Bundle:
     def prompt_text(self, question: str) -> str:
         """The text after the document for a question: the template is a str.format string (literal braces
         doubled, as the exporter writes it), filled exactly as nectar_export.samples.question_ids does."""
-        template = self.manifest.question_template
-        try:
-            return template.format(question=question)
-        except (KeyError, IndexError, ValueError) as exc:
-            raise BundleError(f"bundle.json's question template {template!r} is not a format string with only "
-                              f"{{question}} ({exc}); re-export the bundle") from None
+        return self.manifest.question_template.format(question=question)   # one plain {question}: from_json checks
 
 
 def read_manifest(path: str | Path) -> BundleManifest:

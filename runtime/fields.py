@@ -1,8 +1,11 @@
-"""Typed reads of a JSON object from a manifest: each failure raises the caller's error type, naming the file,
-the key, what was found and what was expected (bundle.json and nectar.json both read through this)."""
+"""Manifest JSON: typed reads of an object, each failure raising the caller's error type and naming the file, the
+key, what was found and what was expected; paths a manifest names, kept inside its folder; atomic writes
+(bundle.json, nectar.json and heldout.json all go through this)."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +85,10 @@ def path_inside(folder: Path, name: str, error: type[NectarError], kind: str) ->
         if target.is_symlink():
             raise error(f"{target} is a symbolic link; a {kind}'s files must be plain files inside its folder")
     return target
+
+
+def write_json(file: Path, data: object) -> None:
+    """Write JSON next to `file`, then rename it over `file` (readers never see half a manifest)."""
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, file)
