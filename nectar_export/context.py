@@ -10,6 +10,12 @@ from typing import Any
 from nectar_export.errors import NectarError
 
 DEFAULT_CONTEXT = "default"
+DATA = Path(__file__).parent / "data"
+# Documents shipped in the package, by name: the whole-document default is the first three topics of the
+# Python manual (assert, assignment, async: 4,020 SmolLM2 tokens), cut from Python 3.11.7's pydoc_data so
+# the text and its hand-written QA set do not move with the interpreter's patch version.
+NAMED_CONTEXTS = {"manual-4k": ("python-manual-4k.txt", "the Python reference manual's first three topics "
+                                "(assert, assignment, async), from Python 3.11.7")}
 _DOC = "\u2063NECTAR-DOCUMENT\u2063"
 _QUESTION = "\u2063NECTAR-QUESTION\u2063"
 _PLAIN_TEMPLATE = "\n\nQuestion: {question}\nAnswer:"
@@ -48,7 +54,11 @@ def _read_text(path: Path) -> str:
 
 
 def load_document(spec: str = DEFAULT_CONTEXT) -> Document:
-    """Read 'default' (Python's reference manual), a UTF-8 file, or a directory's files in sorted order."""
+    """Read 'default' (Python's reference manual), a named shipped document (NAMED_CONTEXTS), a UTF-8 file,
+    or a directory's files in sorted order."""
+    if spec in NAMED_CONTEXTS:
+        name, source = NAMED_CONTEXTS[spec]
+        return Document(text=_read_text(DATA / name), source=f"{spec}: {source}")
     if spec == DEFAULT_CONTEXT:
         from pydoc_data.topics import topics
 
@@ -63,7 +73,8 @@ def load_document(spec: str = DEFAULT_CONTEXT) -> Document:
     elif path.is_file():
         text = _read_text(path)
     else:
-        raise NectarError(f"context not found: {spec} (expected 'default', a UTF-8 text file or a directory)")
+        names = ", ".join(repr(n) for n in (DEFAULT_CONTEXT, *NAMED_CONTEXTS))
+        raise NectarError(f"context not found: {spec} (expected {names}, a UTF-8 text file or a directory)")
     if not text.strip():
         raise NectarError(f"context {spec} is empty")
     return Document(text=text, source=str(path))
