@@ -5,6 +5,8 @@
     nectar.safetensors          the 'nectar' variant's heads (tensors `layers.{i}.{name}`)
     ablations/{variant}.safetensors   the baselines fitted at equal parameters (quadrature, uniform_allocation)
     heldout.json                HeldOut: the context's token ids and the held-out test samples
+    attention_mass.safetensors  per layer [Hkv, n] (`layers.{i}`): each context token's mean softmax weight under
+                                the training queries (the query-aware baseline's selection); older artifacts lack it
 
 The folder is written atomically. Format "nectar-artifact/1" is the only one there has been.
 """
@@ -32,6 +34,7 @@ FORMAT = "nectar-artifact/1"
 MANIFEST = "nectar.json"
 WEIGHTS = "nectar.safetensors"
 HELDOUT = "heldout.json"
+MASS = "attention_mass.safetensors"
 FIX = "refit the artifact with `nectar-export fit`"
 MAX_TOKENS = 1 << 24
 
@@ -75,6 +78,13 @@ class ContextRecord:
     document_tokens: int            # how many of the n tokens are document (the rest is the chat prefix)
     prefix_text: str                # chat-template text before the document
     question_template: str          # str.format text after the document; "{question}" marks the user's text
+    document_total_tokens: int | None = None    # the whole document's tokens (None: not recorded, older artifacts)
+    salient: int = 0                # per (layer, KV-head): tokens of highest training attention mass also kept exact
+
+    @property
+    def document_whole(self) -> bool | None:
+        """Whether the context holds the whole document (no continuation text exists); None when not recorded."""
+        return None if self.document_total_tokens is None else self.document_tokens >= self.document_total_tokens
 
     @classmethod
     def from_json(cls, f: Fields) -> "ContextRecord":
@@ -84,7 +94,9 @@ class ContextRecord:
             raise NectarError(f"{f.where}: the question template is refused: {problem}; {FIX}")
         return cls(source=f.get("source", str), sha256=f.get("sha256", str), n=n, sinks=f.count("sinks", 0, n),
                    window=f.count("window", 0, n), document_tokens=f.count("document_tokens", 0, n),
-                   prefix_text=f.get("prefix_text", str), question_template=template)
+                   prefix_text=f.get("prefix_text", str), question_template=template,
+                   document_total_tokens=f.count("document_total_tokens", 0, 1 << 40, None),
+                   salient=f.count("salient", 0, n, 0))
 
 
 @dataclass(frozen=True)
@@ -150,7 +162,7 @@ class ArtifactManifest:
 
     def to_json(self) -> dict[str, Any]:
         data = {"format": FORMAT, "code_version": self.code_version, "model": dataclasses.asdict(self.model),
-                "context": dataclasses.asdict(self.context),
+                "context": {k: v for k, v in dataclasses.asdict(self.context).items() if v is not None},
                 "positions": {"first_new": self.n, "max_new_tokens": self.max_new_tokens},
                 "config": self.config.to_json(), "fit": self.fit,
                 "variants": {name: {"file": v.file, "layers": list(v.layers)} for name, v in self.variants.items()}}
@@ -225,6 +237,43 @@ class Artifact:
     def heldout(self) -> HeldOut:
         return read_heldout(self.path)
 
+    def exact_sets(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """Per layer, the context tokens kept exact ([E] shared by the heads, or [Hkv, E] with salient tokens)."""
+        from nectar_export.selection import exact_sets
+
+        context = self.manifest.context
+        mass = self.attention_mass() if context.salient else None
+        if context.salient and mass is None:
+            raise NectarError(f"{self.path} keeps {context.salient} salient tokens exact but has no {MASS}; {FIX}")
+        return exact_sets(self.n, context.sinks, context.window, context.salient, mass,
+                          self.manifest.model.layers, device)
+
+    @property
+    def exact_count(self) -> int:
+        """Exact tokens per (layer, KV-head): sinks, window and salient tokens."""
+        context = self.manifest.context
+        return min(self.n, context.sinks + context.window + context.salient)
+
+    def attention_mass(self) -> list[torch.Tensor] | None:
+        """Per layer [Hkv, n] mean softmax weights under the training queries; None for artifacts without them."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not (self.path / MASS).exists():
+            return None
+        file = path_inside(self.path, MASS, NectarError, "Nectar artifact")
+        try:
+            tensors = load_file(str(file))
+        except (SafetensorError, OSError) as exc:
+            raise NectarError(f"cannot read {file}: {exc}; {FIX}") from None
+        model = self.manifest.model
+        want = (model.kv_heads, self.n)
+        mass = [tensors.get(f"layers.{i}") for i in range(model.layers)]
+        if any(m is None or tuple(m.shape) != want for m in mass):
+            raise NectarError(f"{file} does not hold a [{want[0]}, {want[1]}] tensor for each of the "
+                              f"{model.layers} layers; {FIX}")
+        return mass
+
 
 def pair_shape(pair: Pair) -> dict[str, Any]:
     if isinstance(pair, QuadraturePair):
@@ -246,7 +295,7 @@ def _weights_file(variant: str) -> str:
     return WEIGHTS if variant == "nectar" else f"ablations/{variant}.safetensors"
 
 
-OWNED = (MANIFEST, WEIGHTS, HELDOUT, "ablations/*.safetensors")     # what fit writes into an artifact
+OWNED = (MANIFEST, WEIGHTS, HELDOUT, MASS, "ablations/*.safetensors")     # what fit writes into an artifact
 
 
 def check_output(out: Path, overwrite: bool = False) -> None:
@@ -256,8 +305,10 @@ def check_output(out: Path, overwrite: bool = False) -> None:
 
 
 def save_artifact(out: Path, manifest: ArtifactManifest, heads: dict[str, list[Pair]],
-                  heldout: HeldOut | None = None, overwrite: bool = False) -> ArtifactManifest:
-    """Write every variant's weights, heldout.json and the manifest into a temp folder, then move it into place."""
+                  heldout: HeldOut | None = None, overwrite: bool = False,
+                  mass: list[torch.Tensor] | None = None) -> ArtifactManifest:
+    """Write every variant's weights, heldout.json, the attention mass and the manifest into a temp folder,
+    then move it into place."""
     from safetensors.torch import save_file
 
     out = out.expanduser()
@@ -271,6 +322,9 @@ def save_artifact(out: Path, manifest: ArtifactManifest, heads: dict[str, list[P
             save_file(_tensors(pairs), str(target), metadata={"format": FORMAT, "variant": variant})
         if heldout is not None:
             (tmp / HELDOUT).write_text(json.dumps(heldout.to_json()))
+        if mass is not None:
+            save_file({f"layers.{i}": m.float().contiguous() for i, m in enumerate(mass)}, str(tmp / MASS),
+                      metadata={"format": FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2))
     return manifest
 

@@ -55,6 +55,9 @@ def main() -> None:
 @click.option("--sinks", type=int, default=4, show_default=True, help="First context tokens kept as exact KV.")
 @click.option("--window", type=int, default=None,
               help="Last context tokens kept as exact KV [default: an eighth of the budget, 64 at n=4096].")
+@click.option("--salient", type=int, default=0, show_default=True,
+              help="Per layer and KV-head, also keep exact the context tokens the training queries attend to most "
+                   "(this many; they count against the budget).")
 @click.option("--reserve", type=int, default=512, show_default=True,
               help="New-token positions kept free after the context (the bundle's prompt + answer window).")
 @click.option("--epochs", type=int, default=None, help="Maximum epochs per layer (early stopping may end sooner).")

@@ -34,6 +34,8 @@ class FitConfig:
     family: str = "mlp"
     sinks: int = 4                    # first context tokens kept as exact KV
     window: int | None = None         # last context tokens kept exact; None: an eighth of the budget
+    salient: int = 0                  # per (layer, KV-head): other context tokens kept exact, those the training
+                                      # queries attend to most
     reserve: int = 512                # new-token positions that must fit after the context
     seed: int = 0
     passage_tokens: int = 64
@@ -58,6 +60,8 @@ class FitConfig:
             raise NectarError(f"--head-params must be a positive parameter count, got {self.head_params}")
         if self.reserve < 1:
             raise NectarError(f"--reserve must be at least 1 new-token position, got {self.reserve}")
+        if self.salient < 0:
+            raise NectarError(f"--salient must be a token count of at least 0, got {self.salient}")
         if self.context_tokens is not None and self.context_tokens < 16:
             raise NectarError(f"--context-tokens must be at least 16, got {self.context_tokens}")
 

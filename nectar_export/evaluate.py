@@ -19,6 +19,7 @@ from nectar_export.heads import HeadsContext, Pair
 from nectar_export.models import load_model
 from nectar_export.prefill import ContextCache, prefill
 from nectar_export.samples import Sample, pad_id, question_ids, right_padded, stop_ids
+from nectar_export.selection import snapkv_scores, top_tokens
 
 WINDOW_SINKS = 4
 HEADLINE_SOURCES = ("continuation", "self_study", "prompts")   # repeat (copying) is reported on its own
@@ -26,9 +27,10 @@ ANSWER_TOKENS = 64
 PREFIX_TOKENS = 16
 
 
-def heads_contexts(pairs: Sequence[Pair], cache: ContextCache, exact_index: torch.Tensor) -> list[ContextAttention]:
-    """Per-layer Nectar context: fitted pair + the exact tokens (sinks, window)."""
-    exact = cache.subset(exact_index) if len(exact_index) else [None] * len(pairs)
+def heads_contexts(pairs: Sequence[Pair], cache: ContextCache,
+                   exact_index: Sequence[torch.Tensor]) -> list[ContextAttention]:
+    """Per-layer Nectar context: fitted pair + the exact tokens (sinks, window, salient tokens), per layer."""
+    exact = [None if i.shape[-1] == 0 else e for i, e in zip(exact_index, cache.subset(list(exact_index)))]
     return [HeadsContext(p, e) for p, e in zip(pairs, exact)]
 
 
@@ -126,15 +128,16 @@ def run_eval(path: Path, model_spec: str | None = None, questions_limit: int | N
     heldout = artifact.heldout()
     n, scaling = artifact.n, manifest.model.scaling
     cache = prefill(model, heldout.context_ids)
-    exact = cache.exact_index(*artifact.exact_tokens)
+    exact = artifact.exact_sets(cache.keys[0].device)
     k = window_size(manifest.nectar_params, n, manifest.model)
-    methods: dict[str, list[Any]] = {"full": cache.exact(), "no_context": [None] * manifest.model.layers,
-                                     "recent_window": cache.sink_window(WINDOW_SINKS, k)}
+    kept = baseline_selections(model, cache, heldout.context_ids, artifact, k)
+    methods: dict[str, list[Any]] = {"full": cache.exact(), "no_context": [None] * manifest.model.layers}
+    methods.update({name: cache.subset(index) for name, index in kept.items()})
     for variant, pairs in artifact.heads.items():
         methods[variant] = heads_contexts(pairs, cache, exact)
     samples = list(heldout.test)
     tf = teacher_forced(model, samples, methods, n)
-    errors = layer_error_table(model, cache, samples, artifact, exact, k, scaling)
+    errors = layer_error_table(model, cache, samples, artifact, exact, kept, scaling)
     questions = heldout.questions(questions_limit)
     template = manifest.context.question_template
     prompts = [question_ids(tokenizer, template, s.question) for s in questions]
@@ -143,23 +146,39 @@ def run_eval(path: Path, model_spec: str | None = None, questions_limit: int | N
     gen = generation_metrics(answers, tokenizer)
     report = method_report(tf["nectar"], errors["nectar"], gen["nectar"])
     report.update({"nectar_params": manifest.nectar_params, "kv_entries": manifest.kv_entries,
-                   "n": n, "window_tokens": k, "questions": len(questions),
+                   "n": n, "window_tokens": k, "baseline_tokens": WINDOW_SINKS + k, "questions": len(questions),
                    "tokens_scored": tf["nectar"]["headline"]["tokens"],
+                   "document_whole": manifest.context.document_whole,
+                   "headline_sources": sorted({s.source for s in samples} & set(HEADLINE_SOURCES)),
                    "baselines": {m: method_report(tf[m], errors[m], gen[m]) for m in methods if m not in ("full", "nectar")}})
-    for name in ("quadrature", "uniform_allocation"):
+    for name in ("quadrature", "uniform_allocation"):       # fitted at (about) equal parameters
         if name in report["baselines"]:
             report["baselines"][name]["params"] = manifest.variant_params(name)
     record_eval(path, report)
     return report
 
 
+def baseline_selections(model: Any, cache: ContextCache, context_ids: Sequence[int], artifact: Artifact,
+                        k: int) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """The exact-token baselines at equal memory, WINDOW_SINKS + k tokens per (layer, KV-head) each: the first
+    tokens and the last (recent_window), SnapKV's choice, and, where the artifact has the training queries'
+    attention mass, the tokens that mass ranks highest (query_aware)."""
+    tokens = WINDOW_SINKS + k
+    kept: dict[str, torch.Tensor | list[torch.Tensor]] = {"recent_window": cache.exact_index(WINDOW_SINKS, k)}
+    kept["snapkv"] = [top_tokens(s, tokens) for s in snapkv_scores(model, cache, context_ids)]
+    mass = artifact.attention_mass()
+    if mass is not None:
+        kept["query_aware"] = [top_tokens(m.to(cache.keys[0].device), tokens) for m in mass]
+    return kept
+
+
 def layer_error_table(model: Any, cache: ContextCache, samples: Sequence[Sample], artifact: Artifact,
-                      exact: torch.Tensor, k: int, scaling: float) -> dict[str, list[dict[str, float]]]:
+                      exact: Sequence[torch.Tensor], kept: dict[str, Any], scaling: float) -> dict[str, list[dict[str, float]]]:
     """Per method, each layer's held-out errors of the merged attention output and of the log-normalizer."""
     queries = collect(model, cache, samples, desc="test queries")
     test = targets(queries, cache, exact, scaling)
     errors = {m: [layer_errors(p, d, scaling) for p, d in zip(pairs, test)] for m, pairs in artifact.heads.items()}
-    baseline_keys = {"no_context": torch.zeros(0, dtype=torch.long), "recent_window": cache.exact_index(WINDOW_SINKS, k)}
+    baseline_keys = {"no_context": torch.zeros(0, dtype=torch.long), **kept}
     for name, keys in baseline_keys.items():       # a baseline keeps its tokens exact and drops the rest
         data = targets(queries, cache, keys, scaling, desc=f"{name} targets")
         errors[name] = [layer_errors(drop_all, d, scaling) for d in data]

@@ -6,7 +6,7 @@ import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -14,7 +14,7 @@ from nectar_export import __version__
 from nectar_export.artifact import ArtifactManifest, load_artifact, read_manifest
 from nectar_export.errors import NectarError
 from nectar_export.models import check_device, load_model
-from nectar_export.prefill import ContextCache, prefill
+from nectar_export.prefill import ContextCache, prefill, take
 from nectar_export.samples import pad_id, stop_ids
 from nectar_runtime.bundle import BundleManifest, Source
 
@@ -129,7 +129,7 @@ def trace_step(config: ExportConfig, manifest: ArtifactManifest, stage: Stages) 
         cache = context_cache(model, context_ids, device, dtype=TORCH_DTYPES[config.precision])
         step = StepModule(model, None, config.all_logits, static)
     else:                                    # only the exact tokens' KV leaves the device
-        cache = context_cache(model, context_ids, device, exact=artifact.exact_tokens)
+        cache = context_cache(model, context_ids, device, exact=artifact.exact_sets())
         pairs = artifact.heads[config.variant]
         step = StepModule(model, nectar_contexts(pairs), config.all_logits, static)
     stage("torch.onnx.export")
@@ -170,17 +170,20 @@ def bundle_manifest(config: ExportConfig, manifest: ArtifactManifest, traced: Tr
         graph=graph)
 
 
-def context_cache(model: Any, ids: list[int], device: torch.device, exact: tuple[int, int] | None = None,
+def context_cache(model: Any, ids: list[int], device: torch.device, exact: Sequence[torch.Tensor] | None = None,
                   dtype: torch.dtype | None = None) -> ContextCache:
     """The context's KV on the CPU, prefilled on `device` (the model is back on the CPU afterwards); with
-    exact = (sinks, window), only those tokens' KV (sliced where it was computed); with dtype, cast there
-    too (at 128K, Qwen3-1.7B's KV is 30 GB in fp32 and 15 GB in fp16)."""
+    exact (per layer, the exact tokens: [E] or per KV-head [Hkv, E]), only those tokens' KV (gathered where it
+    was computed); with dtype, cast there too (at 128K, Qwen3-1.7B's KV is 30 GB in fp32 and 15 GB in fp16)."""
     def moved(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype=dtype or t.dtype).cpu()
 
     def kept(cache: ContextCache) -> ContextCache:
-        index = cache.exact_index(*exact) if exact is not None else slice(None)
-        return ContextCache([moved(k[:, index]) for k in cache.keys], [moved(v[:, index]) for v in cache.values])
+        if exact is None:
+            return ContextCache([moved(k) for k in cache.keys], [moved(v) for v in cache.values])
+        index = [i.to(cache.keys[0].device) for i in exact]
+        return ContextCache([moved(take(k, i)) for k, i in zip(cache.keys, index)],
+                            [moved(take(v, i)) for v, i in zip(cache.values, index)])
 
     if device.type == "cpu":
         return kept(prefill(model, ids))

@@ -18,8 +18,9 @@ from nectar_export.errors import NectarError
 from nectar_export.train import TrainSettings, fit_pairs
 from nectar_export.heads import MLPPair, Pair, QuadraturePair, build_pair, pair_params
 from nectar_export.models import check_device, LoadedModel, load_model
-from nectar_export.prefill import ContextCache, prefill
+from nectar_export.prefill import ContextCache, complement, prefill, take
 from nectar_export.samples import SampleSet, build_samples
+from nectar_export.selection import attention_mass, exact_sets
 
 
 class Stopwatch:
@@ -47,25 +48,26 @@ def model_shape(model: Any) -> dict[str, int]:
 def layer_budget(config: FitConfig, n: int, dim: int) -> int:
     """Network parameters per (layer, KV-head) on average: the budget minus what the exact tokens hold."""
     window = config.window_tokens(n, dim)
-    net = config.head_budget(n, dim) - 2 * (config.sinks + window) * dim
+    net = config.head_budget(n, dim) - 2 * (config.sinks + window + config.salient) * dim
     if net < 4 * dim:
         given = f"--head-params {config.head_params}" if config.head_params is not None else f"--budget {config.budget}"
-        raise NectarError(f"{given} leaves {net} parameters per head after {config.sinks} sinks "
-                          f"and a {window}-token window; raise the budget or lower --sinks/--window")
+        salient = f", {config.salient} salient tokens" if config.salient else ""
+        raise NectarError(f"{given} leaves {net} parameters per head after {config.sinks} sinks{salient} "
+                          f"and a {window}-token window; raise the budget or lower --sinks/--window/--salient")
     return net
 
 
 def make_pairs(family: str, budgets: Sequence[int], shape: dict[str, int], cache: ContextCache,
-               exact_index: torch.Tensor, train: Sequence[LayerData], seed: int) -> list[Pair]:
+               exact: Sequence[torch.Tensor], train: Sequence[LayerData], seed: int) -> list[Pair]:
     """Build and initialize one pair per layer within its parameter budget."""
     generator = torch.Generator().manual_seed(seed)
     pairs = []
     for layer, budget in enumerate(budgets):
-        pair = build_pair(family, shape["kv_heads"], shape["head_dim"], budget).to(exact_index.device)
+        index = exact[layer]
+        pair = build_pair(family, shape["kv_heads"], shape["head_dim"], budget).to(index.device)
         if isinstance(pair, QuadraturePair):
-            modeled = torch.ones(cache.n, dtype=torch.bool, device=exact_index.device)
-            modeled[exact_index] = False
-            pair.init_from_cache(cache.keys[layer][:, modeled], cache.values[layer][:, modeled], generator)
+            modeled = complement(index, cache.n, shape["kv_heads"])
+            pair.init_from_cache(take(cache.keys[layer], modeled), take(cache.values[layer], modeled), generator)
         elif isinstance(pair, MLPPair):
             d = train[layer]
             pair.init_from(d.q, d.ctx_lse, d.ctx_out)
@@ -80,9 +82,10 @@ class LayerSets:
 
     train: list[LayerData]
     val: list[LayerData]
-    exact: torch.Tensor
+    exact: list[torch.Tensor]     # per layer, the exact tokens: [E] shared by the heads, or [Hkv, E] per head
     scaling: float
     difficulty: list[float]
+    mass: list[torch.Tensor]      # per layer [Hkv, n]: mean softmax weight of each context token, training queries
 
 
 def run_fit(config: FitConfig, out: Path, device: str = "cpu", overwrite: bool = False) -> dict[str, Any]:
@@ -118,14 +121,15 @@ def run_fit(config: FitConfig, out: Path, device: str = "cpu", overwrite: bool =
                                model_type=model.config.model_type, **shape, scaling=sets.scaling,
                                max_positions=max_positions)
     context_record = ContextRecord(source=context.source, sha256=context.sha256, n=context.n, sinks=config.sinks,
-                                   window=config.window_tokens(context.n, shape["head_dim"]),
-                                   document_tokens=context.document_tokens, prefix_text=context.prefix_text,
+                                   window=config.window_tokens(context.n, shape["head_dim"]), salient=config.salient,
+                                   document_tokens=context.document_tokens,
+                                   document_total_tokens=context.document_total_tokens, prefix_text=context.prefix_text,
                                    question_template=context.question_template)
     manifest = ArtifactManifest(model=model_record, context=context_record, max_new_tokens=config.reserve,
                                 config=config, fit=metrics)
     heldout = HeldOut(context_ids=tuple(context.ids), test=tuple(samples.splits["test"]))
     heads = {variant: [pair.cpu() for pair in pairs] for variant, pairs in heads.items()}
-    save_artifact(out, manifest, heads, heldout, overwrite)
+    save_artifact(out, manifest, heads, heldout, overwrite, mass=sets.mass)
     return metrics
 
 
@@ -133,13 +137,15 @@ def layer_sets(model: Any, cache: ContextCache, samples: SampleSet, config: FitC
                clock: Stopwatch) -> LayerSets:
     """Collect the train and validation queries, their exact targets, and each layer's difficulty."""
     scaling = float(model.model.layers[0].self_attn.scaling)
-    exact = cache.exact_index(config.sinks, config.window_tokens(n, dim))
     queries = {split: clock.run("collect", lambda: collect(model, cache, samples.splits[split], desc=f"{split} queries"))
                for split in ("train", "val")}
+    mass = clock.run("attention_mass", lambda: attention_mass(queries["train"], cache, scaling))
+    exact = exact_sets(n, config.sinks, config.window_tokens(n, dim), config.salient, mass, len(mass),
+                       cache.keys[0].device)
     train = clock.run("targets", lambda: targets(queries["train"], cache, exact, scaling, desc="train targets"))
     val = clock.run("targets", lambda: targets(queries["val"], cache, exact, scaling, desc="val targets"))
     difficulty = clock.run("allocate", lambda: [linear_probe_error(t, v) for t, v in zip(train, val)])
-    return LayerSets(train, val, exact, scaling, difficulty)
+    return LayerSets(train, val, exact, scaling, difficulty, mass)
 
 
 def fit_variants(config: FitConfig, sets: LayerSets, budget: int, shape: dict[str, int], cache: ContextCache,
@@ -162,7 +168,7 @@ def fit_variants(config: FitConfig, sets: LayerSets, budget: int, shape: dict[st
         heads[variant] = pairs
         reports[variant] = {
             "family": family, "allocation": allocation,
-            "params": sum(pair_params(p) * p.heads + 2 * len(exact) * p.heads * p.dim for p in pairs),
+            "params": sum(pair_params(p) * p.heads + 2 * e.shape[-1] * p.heads * p.dim for p, e in zip(pairs, exact)),
             "val_approx_error_by_layer": [round(r["val_approx_error"], 5) for r in fit_report],
             "epochs_by_layer": [r["epochs"] for r in fit_report],
         }

@@ -11,6 +11,28 @@ from tqdm.auto import tqdm
 from nectar_export.attention import ExactContext, cache_keyword
 
 
+def per_head(index: torch.Tensor, heads: int) -> torch.Tensor:
+    """A token selection as [Hkv, k]: a shared [k] index is repeated for every KV-head."""
+    return index.unsqueeze(0).expand(heads, -1) if index.dim() == 1 else index
+
+
+def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [Hkv, n, D] at per-head token positions index [Hkv, k] (or shared [k]) -> [Hkv, k, D]."""
+    index = per_head(index, x.shape[0])
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def complement(index: torch.Tensor, n: int, heads: int) -> torch.Tensor:
+    """Per head [Hkv, n - k], in position order: the context tokens a selection [Hkv, k] (or [k]) leaves out."""
+    index = per_head(index, heads)
+    keep = torch.ones(heads, n, dtype=torch.bool, device=index.device)
+    keep.scatter_(1, index, False)
+    counts = keep.sum(1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError("a selection must keep the same number of distinct tokens in every head")
+    return torch.arange(n, device=index.device).expand(heads, n)[keep].view(heads, -1)
+
+
 @dataclass(frozen=True)
 class ContextCache:
     """Post-RoPE keys and values of the n context tokens, per layer: [Hkv, n, D] each."""
@@ -31,9 +53,11 @@ class ContextCache:
         n, device = self.n, self.keys[0].device
         return torch.cat([torch.arange(min(sinks, n), device=device), torch.arange(max(sinks, n - window), n, device=device)])
 
-    def subset(self, index: torch.Tensor) -> list[ExactContext]:
-        """Per-layer exact attention over the context tokens at the given positions."""
-        return [ExactContext(k[:, index], v[:, index]) for k, v in zip(self.keys, self.values)]
+    def subset(self, index: torch.Tensor | Sequence[torch.Tensor]) -> list[ExactContext]:
+        """Per-layer exact attention over the context tokens at the given positions: one index for every layer
+        and head ([k]), or one per layer, shared by its heads ([k]) or each head's own ([Hkv, k])."""
+        per_layer = index if isinstance(index, (list, tuple)) else [index] * len(self.keys)
+        return [ExactContext(take(k, i), take(v, i)) for k, v, i in zip(self.keys, self.values, per_layer)]
 
     def sink_window(self, sinks: int, window: int) -> list[ExactContext]:
         """Per-layer exact attention over the first `sinks` and the last `window` tokens."""

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nectar_export.attention import ContextAttention, ExactContext, exact_partial, forward, merge, nectar_mode
-from nectar_export.prefill import ContextCache
+from nectar_export.prefill import ContextCache, complement, take
 from nectar_export.samples import Sample, right_padded
 
 
@@ -97,17 +97,20 @@ def _grouped(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def targets(queries: Sequence[Queries], cache: ContextCache, exact_index: torch.Tensor,
+def targets(queries: Sequence[Queries], cache: ContextCache, exact_index: torch.Tensor | Sequence[torch.Tensor],
             scaling: float, desc: str = "targets") -> list[LayerData]:
-    """Exact partials of every query over the modeled context and over exact tokens + new tokens."""
-    modeled = torch.ones(cache.n, dtype=torch.bool, device=exact_index.device)
-    modeled[exact_index] = False
+    """Exact partials of every query over the modeled context and over exact tokens + new tokens.
+
+    exact_index: the exact tokens, one index for every layer ([E]) or one per layer, shared by its heads ([E])
+    or each KV-head's own ([Hkv, E]); the rest of the context is modeled."""
     out = []
     for layer, qs in enumerate(tqdm(queries, desc=desc, unit="layer")):
+        index = exact_index[layer] if isinstance(exact_index, (list, tuple)) else exact_index
         k, v = cache.keys[layer], cache.values[layer]
-        ctx_lse, ctx_out = exact_partial(_grouped(qs.q), k[:, modeled], v[:, modeled], scaling)
-        if len(exact_index):
-            ex_lse, ex_out = exact_partial(_grouped(qs.q), k[:, exact_index], v[:, exact_index], scaling)
+        modeled = complement(index, cache.n, k.shape[0])
+        ctx_lse, ctx_out = exact_partial(_grouped(qs.q), take(k, modeled), take(v, modeled), scaling)
+        if index.shape[-1]:
+            ex_lse, ex_out = exact_partial(_grouped(qs.q), take(k, index), take(v, index), scaling)
             rest = merge(ex_lse[0, :, 0], ex_out[0, :, 0], qs.new_lse, qs.new_out)
         else:
             rest = (qs.new_lse, qs.new_out)

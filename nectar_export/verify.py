@@ -98,7 +98,7 @@ def run_verify(path: Path, prompts: int = 24, steps: int = 10, backend_name: str
     model, tokenizer = loaded.model, loaded.tokenizer
     cache = prefill(model, heldout.context_ids, progress=False)
     contexts = None if bundle.kind == "full" else heads_contexts(artifact.heads[source.variant], cache,
-                                                                 cache.exact_index(*artifact.exact_tokens))
+                                                                 artifact.exact_sets())
     template = artifact.manifest.context.question_template
     gaps = Gaps()
     with make_backend(bundle, backend_name, **backend_options) as backend:

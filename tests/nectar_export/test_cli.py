@@ -46,7 +46,12 @@ def test_eval_reports_every_metric(artifact):
     for key in ("top1_agreement", "kl", "approx_error_by_layer", "lse_error_by_layer", "generation_similarity",
                 "generation_prefix_match", "nectar_params", "kv_entries"):
         assert key in report
-    assert set(report["baselines"]) == {"no_context", "recent_window", "quadrature", "uniform_allocation"}
+    assert set(report["baselines"]) == {"no_context", "recent_window", "snapkv", "query_aware", "quadrature",
+                                        "uniform_allocation"}
+    assert report["document_whole"] is False and "continuation" in report["headline_sources"]
+    for name in ("recent_window", "snapkv", "query_aware"):     # three different selections of equal size
+        assert report["baselines"][name]["approx_error_by_layer"] != report["approx_error_by_layer"]
+    assert report["baselines"]["snapkv"]["approx_error_by_layer"] != report["baselines"]["query_aware"]["approx_error_by_layer"]
     assert 0.0 <= report["top1_agreement"] <= 1.0 and report["kl"] >= 0.0
     assert len(report["approx_error_by_layer"]) == 2
     assert report["baselines"]["recent_window"]["approx_error_by_layer"] != report["approx_error_by_layer"]

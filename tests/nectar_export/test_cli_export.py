@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import export_bundle, run_cli
 
@@ -38,7 +39,7 @@ def test_nectar_bundle_is_self_describing_and_holds_only_the_heads(nectar_bundle
     manifest, art = load_bundle(nectar_bundle).manifest, read_manifest(artifact)
     assert manifest.kind == "nectar" and manifest.n == art.n == manifest.first_position
     # the exact tokens' KV ships beside the graph as the start of the past, not as constants in it
-    exact = min(sum(art.exact_tokens), art.n)
+    exact = min(sum(art.exact_tokens) + art.context.salient, art.n)
     assert exact > 0 and manifest.cached_tokens == exact
     assert set(manifest.files) == {"model.onnx", "tokenizer.json", "context.safetensors"}
     kv = load_file(str(nectar_bundle / "context.safetensors"))
@@ -155,3 +156,32 @@ def test_export_over_an_existing_bundle_needs_overwrite_and_never_deletes_other_
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == before
     assert not any(p.name.startswith(".bundle.") for p in tmp_path.iterdir())
+
+
+def test_whole_document_with_salient_tokens_fits_evaluates_exports_and_verifies(tmp_path, tiny_ckpt):
+    """A document consumed whole (no continuation text) with per-head salient exact tokens, end to end: eval's
+    headline holds no continuation, the bundle ships each KV-head's own exact tokens, and it matches torch."""
+    from nectar_export.artifact import load_artifact, read_manifest
+    from nectar_export.context import load_document
+    from nectar_export.models import load_model
+    from nectar_runtime.bundle import load_bundle
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(load_document("manual-4k").text[:1500])
+    art, bundle = tmp_path / "art", tmp_path / "bundle"
+    fit = run_cli("fit", "--model", str(tiny_ckpt), "--context", str(doc), "--quick", "--epochs", "1",
+                  "--no-ablations", "--salient", "8", "-o", str(art))
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    manifest = read_manifest(art)
+    assert manifest.context.document_whole and manifest.context.salient == 8
+    assert "continuation" not in manifest.fit["samples"]["train"]
+    sets = load_artifact(art, load_model(str(tiny_ckpt)).fingerprint).exact_sets()
+    sinks, window = manifest.exact_tokens
+    assert all(s.shape == (manifest.model.kv_heads, sinks + window + 8) for s in sets)
+    assert any(not torch.equal(s[0], s[1]) for s in sets)          # the heads keep different tokens
+    report = json.loads(run_cli("eval", str(art), "--json", "--questions", "2").stdout)
+    assert report["document_whole"] is True and report["headline_sources"] == ["self_study"]
+    export_bundle(art, bundle)
+    assert load_bundle(bundle).manifest.cached_tokens == sinks + window + 8
+    verified = _verify(bundle)
+    assert verified["top1_match"] == 1.0 and verified["max_abs_logit_diff"] < 1e-4

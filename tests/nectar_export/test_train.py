@@ -12,7 +12,7 @@ def test_fitting_reduces_heldout_error():
     scaling = float(model.model.layers[0].self_attn.scaling)
     shape = model_shape(model)
     for family in ("mlp", "quadrature"):
-        pairs = make_pairs(family, [1200] * len(train), shape, cache, cache.exact_index(2, 0), train, seed=0)
+        pairs = make_pairs(family, [1200] * len(train), shape, cache, [cache.exact_index(2, 0)] * len(train), train, seed=0)
         before = [layer_errors(p, v, scaling)["approx_error"] for p, v in zip(pairs, val)]
         fit_pairs(pairs, train, val, scaling, TrainSettings(epochs=15, batch_size=256, lr=3e-3), desc=family)
         after = [layer_errors(p, v, scaling)["approx_error"] for p, v in zip(pairs, val)]

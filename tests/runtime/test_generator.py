@@ -23,7 +23,7 @@ def reference(tiny_ckpt, artifact):
     heads = load_artifact(artifact, loaded.fingerprint)
     heldout = heads.heldout()
     cache = prefill(loaded.model, heldout.context_ids, progress=False)
-    nectar = heads_contexts(heads.heads["nectar"], cache, cache.exact_index(*heads.exact_tokens))
+    nectar = heads_contexts(heads.heads["nectar"], cache, heads.exact_sets())
     questions = [s.question for s in heldout.questions()]
     return {"model": loaded.model, "tokenizer": loaded.tokenizer, "n": heads.n, "questions": questions,
             "contexts": {"nectar": nectar, "full": cache.exact()},
