@@ -16,6 +16,7 @@ writes the JSON given by --out: settings, run time, `qa_report`, and every reply
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -23,6 +24,14 @@ from typing import Any
 
 ANSWER_TOKENS = 64
 RESERVE = 512
+
+
+def qa_digest(qa_spec: str) -> str:
+    """sha256 of the QA file's bytes, so a result names the exact questions it answered."""
+    from nectar_export.qa import NAMED_QA, DATA
+
+    path = DATA / NAMED_QA[qa_spec] if qa_spec in NAMED_QA else Path(qa_spec)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def answer_all(model_spec: str, context_spec: str, qa_spec: str, batch_size: int) -> dict[str, Any]:
@@ -54,7 +63,8 @@ def answer_all(model_spec: str, context_spec: str, qa_spec: str, batch_size: int
              **{f"{m}_correct": is_correct(replies[m][i], item) for m in methods},
              **{f"{m}_reply": replies[m][i] for m in methods}} for i, item in enumerate(items)]
     return {"model": loaded.source, "context": document.source, "context_tokens": context.n,
-            "document_tokens": context.document_tokens, "qa": qa_spec, "questions": len(items),
+            "document_tokens": context.document_tokens, "qa": qa_spec, "qa_sha256": qa_digest(qa_spec),
+            "questions": len(items),
             "max_new_tokens": ANSWER_TOKENS, "report": qa_report(replies, items, reference="full"), "rows": rows}
 
 
