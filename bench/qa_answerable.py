@@ -9,6 +9,8 @@ the document. Scored with `nectar_export.qa.is_correct`.
 
     flock /work/cpu.lock python bench/qa_answerable.py --out bench/results/qa_answerable-manual-4k.json
 
+`--suffix TEXT` appends TEXT to every question (a prompt variant); compare variants on `--split tune` only.
+
 Prints one line per question (id, split, correct under full / no_context, full's reply) and the accuracies;
 writes the JSON given by --out: settings, run time, `qa_report`, and every reply.
 """
@@ -16,6 +18,7 @@ writes the JSON given by --out: settings, run time, `qa_report`, and every reply
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -25,7 +28,16 @@ ANSWER_TOKENS = 64
 RESERVE = 512
 
 
-def answer_all(model_spec: str, context_spec: str, qa_spec: str, batch_size: int) -> dict[str, Any]:
+def qa_digest(qa_spec: str) -> str:
+    """sha256 of the QA file's bytes, so a result names the exact questions it answered."""
+    from nectar_export.qa import NAMED_QA, DATA
+
+    path = DATA / NAMED_QA[qa_spec] if qa_spec in NAMED_QA else Path(qa_spec)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def answer_all(model_spec: str, context_spec: str, qa_spec: str, batch_size: int, split: str | None = None,
+               suffix: str = "") -> dict[str, Any]:
     """Greedy replies of full attention and of no context to every question, scored; plain JSON-able data."""
     import torch
 
@@ -37,13 +49,13 @@ def answer_all(model_spec: str, context_spec: str, qa_spec: str, batch_size: int
     from nectar_export.samples import pad_id, question_ids, stop_ids
 
     torch.manual_seed(0)
-    items = read_qa(qa_spec)
+    items = [item for item in read_qa(qa_spec) if split is None or item.split == split]
     loaded = load_model(model_spec)
     model, tokenizer = loaded.model, loaded.tokenizer
     document = load_document(context_spec)
     context, _ = build_context(tokenizer, document, None, int(model.config.max_position_embeddings), RESERVE)
     cache = prefill(model, context.ids)
-    prompts = [question_ids(tokenizer, context.question_template, item.question) for item in items]
+    prompts = [question_ids(tokenizer, context.question_template, item.question + suffix) for item in items]
     methods = {"full": cache.exact(), "no_context": [None] * model.config.num_hidden_layers}
     replies = {}
     for name, contexts in methods.items():
@@ -54,7 +66,8 @@ def answer_all(model_spec: str, context_spec: str, qa_spec: str, batch_size: int
              **{f"{m}_correct": is_correct(replies[m][i], item) for m in methods},
              **{f"{m}_reply": replies[m][i] for m in methods}} for i, item in enumerate(items)]
     return {"model": loaded.source, "context": document.source, "context_tokens": context.n,
-            "document_tokens": context.document_tokens, "qa": qa_spec, "questions": len(items),
+            "document_tokens": context.document_tokens, "qa": qa_spec, "qa_sha256": qa_digest(qa_spec),
+            "split": split, "suffix": suffix, "questions": len(items),
             "max_new_tokens": ANSWER_TOKENS, "report": qa_report(replies, items, reference="full"), "rows": rows}
 
 
@@ -68,7 +81,8 @@ def print_table(result: dict[str, Any]) -> None:
               f"[{row['answer']}] {reply[:150]}")
     for method, r in result["report"].items():
         split = r["split_accuracy"]
-        print(f"{method:10} qa_accuracy {r['qa_accuracy']:.3f}  tune {split['tune']:.3f}  untouched {split['untouched']:.3f}")
+        shares = "  ".join(f"{name} {share:.3f}" for name, share in split.items() if share is not None)
+        print(f"{method:10} qa_accuracy {r['qa_accuracy']:.3f}  {shares}")
 
 
 def main() -> int:
@@ -78,9 +92,12 @@ def main() -> int:
     parser.add_argument("--context", default="manual-4k")
     parser.add_argument("--qa", default="manual-4k")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--split", choices=("tune", "untouched"), help="Answer only this split's questions.")
+    parser.add_argument("--suffix", default="", help="Text appended to every question (a prompt variant); "
+                        "compare variants on --split tune only, never on the untouched questions.")
     args = parser.parse_args()
     start = time.perf_counter()
-    result = answer_all(args.model, args.context, args.qa, args.batch_size)
+    result = answer_all(args.model, args.context, args.qa, args.batch_size, args.split, args.suffix)
     result["seconds"] = round(time.perf_counter() - start, 1)
     print_table(result)
     print(f"{result['seconds']} s for {result['questions']} questions")
