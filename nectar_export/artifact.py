@@ -195,27 +195,35 @@ class ArtifactManifest:
 
 @dataclass(frozen=True)
 class HeldOut:
-    """heldout.json: the context's token ids and the test samples nothing in fit sees."""
+    """heldout.json: the context's token ids, the test samples nothing in fit sees, and the validation samples
+    fit stopped early on (what a recipe may be tuned on; older artifacts have none)."""
 
     context_ids: tuple[int, ...]
     test: tuple[Sample, ...]
+    val: tuple[Sample, ...] = ()
 
     def questions(self, limit: int | None = None) -> list[Sample]:
         """The test samples that are questions (self-study, prompts), at most `limit`."""
         return [s for s in self.test if s.question][:limit]
 
     def to_json(self) -> dict[str, Any]:
-        return {"context_ids": list(self.context_ids),
-                "test": [{"source": s.source, "ids": list(s.ids), "question": s.question} for s in self.test]}
+        def samples(items: tuple[Sample, ...]) -> list[dict[str, Any]]:
+            return [{"source": s.source, "ids": list(s.ids), "question": s.question} for s in items]
+        return {"context_ids": list(self.context_ids), "test": samples(self.test), "val": samples(self.val)}
 
     @classmethod
     def from_json(cls, data: Any, where: str = HELDOUT) -> "HeldOut":
         f = _fields(data, where)
-        test = []
-        for i, item in enumerate(f.get("test", list)):
-            s = _fields(item, f"{where} test[{i}]")
-            test.append(Sample(s.get("source", str), s.ints("ids"), s.get("question", (str, type(None)), None)))
-        return cls(context_ids=f.ints("context_ids"), test=tuple(test))
+
+        def samples(key: str) -> tuple[Sample, ...]:
+            out = []
+            for i, item in enumerate(f.get(key, list, [])):
+                s = _fields(item, f"{where} {key}[{i}]")
+                out.append(Sample(s.get("source", str), s.ints("ids"), s.get("question", (str, type(None)), None)))
+            return tuple(out)
+        if "test" not in f.data:
+            f.get("test", list)                          # the one-line error for a missing test split
+        return cls(context_ids=f.ints("context_ids"), test=samples("test"), val=samples("val"))
 
 
 @dataclass

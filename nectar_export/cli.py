@@ -55,9 +55,9 @@ def main() -> None:
 @click.option("--sinks", type=int, default=4, show_default=True, help="First context tokens kept as exact KV.")
 @click.option("--window", type=int, default=None,
               help="Last context tokens kept as exact KV [default: an eighth of the budget, 64 at n=4096].")
-@click.option("--salient", type=int, default=0, show_default=True,
-              help="Per layer and KV-head, also keep exact the context tokens the training queries attend to most "
-                   "(this many; they count against the budget).")
+@click.option("--salient", type=float, default=0.0, show_default=True,
+              help="Share of the budget spent on salient exact tokens: per layer and KV-head, the context tokens "
+                   "the training queries attend to most stay exact KV; the networks model the rest.")
 @click.option("--reserve", type=int, default=512, show_default=True,
               help="New-token positions kept free after the context (the bundle's prompt + answer window).")
 @click.option("--epochs", type=int, default=None, help="Maximum epochs per layer (early stopping may end sooner).")
@@ -88,14 +88,18 @@ def fit(output: str, quick: bool, epochs: int | None, device: str, overwrite: bo
 @click.argument("artifact", type=click.Path())
 @click.option("--model", default=None, help="Model to load instead of the one recorded in the artifact.")
 @click.option("--questions", type=int, default=None, help="Use at most this many held-out questions.")
+@click.option("--qa", default=None,
+              help="Also score answers to a QA file (JSONL: question, answer, split; or 'manual-4k', the shipped set).")
+@click.option("--device", default="cpu", show_default=True, help="Where to run: cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @friendly_errors
-def evaluate(artifact: str, model: str | None, questions: int | None, as_json: bool) -> None:
+def evaluate(artifact: str, model: str | None, questions: int | None, qa: str | None, device: str,
+             as_json: bool) -> None:
     """Measure an artifact against full attention and the baselines on held-out text."""
     from nectar_export.evaluate import run_eval
     from nectar_export.report import table
 
-    report = run_eval(Path(artifact), model, questions)
+    report = run_eval(Path(artifact), model, questions, qa, device)
     click.echo(json.dumps(report, indent=2) if as_json else table(report))
 
 

@@ -34,8 +34,8 @@ class FitConfig:
     family: str = "mlp"
     sinks: int = 4                    # first context tokens kept as exact KV
     window: int | None = None         # last context tokens kept exact; None: an eighth of the budget
-    salient: int = 0                  # per (layer, KV-head): other context tokens kept exact, those the training
-                                      # queries attend to most
+    salient: float = 0.0              # share of each head's budget spent on salient exact tokens: the context
+                                      # tokens the training queries attend to most, per (layer, KV-head)
     reserve: int = 512                # new-token positions that must fit after the context
     seed: int = 0
     passage_tokens: int = 64
@@ -60,8 +60,8 @@ class FitConfig:
             raise NectarError(f"--head-params must be a positive parameter count, got {self.head_params}")
         if self.reserve < 1:
             raise NectarError(f"--reserve must be at least 1 new-token position, got {self.reserve}")
-        if self.salient < 0:
-            raise NectarError(f"--salient must be a token count of at least 0, got {self.salient}")
+        if not 0 <= self.salient < 1:
+            raise NectarError(f"--salient must be a share of the budget in [0, 1), got {self.salient}")
         if self.context_tokens is not None and self.context_tokens < 16:
             raise NectarError(f"--context-tokens must be at least 16, got {self.context_tokens}")
 
@@ -79,6 +79,10 @@ class FitConfig:
     def window_tokens(self, n: int, dim: int) -> int:
         """The exact recent window: as given, or by default 1/8 of the head budget in token equivalents."""
         return self.window if self.window is not None else round(self.head_budget(n, dim) / (2 * dim) / 8)
+
+    def salient_tokens(self, n: int, dim: int) -> int:
+        """Salient exact tokens per (layer, KV-head): the --salient share of the head budget, in tokens."""
+        return round(self.salient * self.head_budget(n, dim) / (2 * dim))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

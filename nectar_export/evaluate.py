@@ -16,7 +16,8 @@ from nectar_export.errors import NectarError
 from nectar_export.train import layer_errors
 from nectar_export.batch_generate import Sampling, generate
 from nectar_export.heads import HeadsContext, Pair
-from nectar_export.models import load_model
+from nectar_export.models import check_device, load_model
+from nectar_export.qa import QAItem, qa_report, read_qa
 from nectar_export.prefill import ContextCache, prefill
 from nectar_export.samples import Sample, pad_id, question_ids, right_padded, stop_ids
 from nectar_export.selection import snapkv_scores, top_tokens
@@ -57,6 +58,7 @@ def teacher_forced(model: Any, samples: Sequence[Sample], methods: dict[str, lis
                 logits = forward(model, ids, positions, DynamicCache(config=model.config))
             logprobs[name] = torch.log_softmax(logits.float(), -1)
         ref = logprobs.pop("full")
+        valid = valid.to(ref.device)
         for name, lp in logprobs.items():
             agree = (lp.argmax(-1) == ref.argmax(-1)).float()
             kl = (ref.exp() * (ref - lp)).sum(-1)
@@ -118,26 +120,51 @@ def generation_metrics(answers: dict[str, list[list[int]]], tokenizer: Any) -> d
     return out
 
 
-def run_eval(path: Path, model_spec: str | None = None, questions_limit: int | None = None) -> dict[str, Any]:
-    """Measure the artifact on its held-out split; stores and returns the metrics."""
-    path = Path(path).expanduser()
-    manifest = read_manifest(path)
-    loaded = load_model(model_spec or manifest.model.source)
-    artifact: Artifact = load_artifact(path, loaded.fingerprint)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    heldout = artifact.heldout()
-    n, scaling = artifact.n, manifest.model.scaling
-    cache = prefill(model, heldout.context_ids)
-    exact = artifact.exact_sets(cache.keys[0].device)
-    k = window_size(manifest.nectar_params, n, manifest.model)
-    kept = baseline_selections(model, cache, heldout.context_ids, artifact, k)
-    methods: dict[str, list[Any]] = {"full": cache.exact(), "no_context": [None] * manifest.model.layers}
+def eval_methods(model: Any, cache: ContextCache, context_ids: Sequence[int],
+                 artifact: Artifact) -> tuple[dict[str, list[Any]], dict[str, Any], list[torch.Tensor], int]:
+    """Every method eval compares, as per-layer contexts on the cache's device: full attention, no context, the
+    exact-token baselines at equal memory and each fitted head variant; with their selections, Nectar's exact
+    tokens and the baselines' window size k."""
+    device = cache.keys[0].device
+    k = window_size(artifact.manifest.nectar_params, artifact.n, artifact.manifest.model)
+    kept = baseline_selections(model, cache, context_ids, artifact, k)
+    exact = artifact.exact_sets(device)
+    methods: dict[str, list[Any]] = {"full": cache.exact(), "no_context": [None] * artifact.manifest.model.layers}
     methods.update({name: cache.subset(index) for name, index in kept.items()})
     for variant, pairs in artifact.heads.items():
-        methods[variant] = heads_contexts(pairs, cache, exact)
+        methods[variant] = heads_contexts([p.to(device) for p in pairs], cache, exact)
+    return methods, kept, exact, k
+
+
+def qa_answers(model: Any, tokenizer: Any, template: str, items: Sequence[QAItem], methods: dict[str, list[Any]],
+               n: int) -> dict[str, list[str]]:
+    """Every method's greedy answer (at most ANSWER_TOKENS) to each QA question, as text."""
+    prompts = [question_ids(tokenizer, template, item.question) for item in items]
+    answers = {}
+    for name, contexts in methods.items():
+        ids = generate(model, prompts, contexts, n, Sampling(max_new_tokens=ANSWER_TOKENS), stop_ids(tokenizer),
+                       pad_id(tokenizer), desc=f"qa {name}")
+        answers[name] = [tokenizer.decode(a, skip_special_tokens=True) for a in ids]
+    return answers
+
+
+def run_eval(path: Path, model_spec: str | None = None, questions_limit: int | None = None,
+             qa: str | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Measure the artifact on its held-out split (and on a QA file); stores and returns the metrics."""
+    path = Path(path).expanduser()
+    manifest = read_manifest(path)
+    items = read_qa(qa) if qa is not None else None
+    dev = check_device(device)
+    loaded = load_model(model_spec or manifest.model.source)
+    artifact: Artifact = load_artifact(path, loaded.fingerprint)
+    model, tokenizer = loaded.model.to(dev), loaded.tokenizer
+    heldout = artifact.heldout()
+    n = artifact.n
+    cache = prefill(model, heldout.context_ids)
+    methods, kept, exact, k = eval_methods(model, cache, heldout.context_ids, artifact)
     samples = list(heldout.test)
     tf = teacher_forced(model, samples, methods, n)
-    errors = layer_error_table(model, cache, samples, artifact, exact, kept, scaling)
+    errors = layer_error_table(model, cache, samples, artifact, exact, kept, manifest.model.scaling)
     questions = heldout.questions(questions_limit)
     template = manifest.context.question_template
     prompts = [question_ids(tokenizer, template, s.question) for s in questions]
@@ -154,6 +181,15 @@ def run_eval(path: Path, model_spec: str | None = None, questions_limit: int | N
     for name in ("quadrature", "uniform_allocation"):       # fitted at (about) equal parameters
         if name in report["baselines"]:
             report["baselines"][name]["params"] = manifest.variant_params(name)
+    if items is not None:
+        scored = qa_report(qa_answers(model, tokenizer, template, items, methods, n), items)
+        report["qa"] = {"file": str(qa), "questions": len(items), "full_accuracy": scored["full"]["qa_accuracy"],
+                        "split_accuracy": {m: row["split_accuracy"] for m, row in scored.items()},
+                        "split_agreement": {m: row["split_agreement"] for m, row in scored.items() if m != "full"}}
+        for name, row in scored.items():
+            if name != "full":
+                target = report if name == "nectar" else report["baselines"][name]
+                target.update({key: row[key] for key in ("qa_accuracy", "qa_agreement", "qa_misses")})
     record_eval(path, report)
     return report
 

@@ -48,11 +48,12 @@ def model_shape(model: Any) -> dict[str, int]:
 def layer_budget(config: FitConfig, n: int, dim: int) -> int:
     """Network parameters per (layer, KV-head) on average: the budget minus what the exact tokens hold."""
     window = config.window_tokens(n, dim)
-    net = config.head_budget(n, dim) - 2 * (config.sinks + window + config.salient) * dim
+    salient = config.salient_tokens(n, dim)
+    net = config.head_budget(n, dim) - 2 * (config.sinks + window + salient) * dim
     if net < 4 * dim:
         given = f"--head-params {config.head_params}" if config.head_params is not None else f"--budget {config.budget}"
-        salient = f", {config.salient} salient tokens" if config.salient else ""
-        raise NectarError(f"{given} leaves {net} parameters per head after {config.sinks} sinks{salient} "
+        named = f", {salient} salient tokens" if salient else ""
+        raise NectarError(f"{given} leaves {net} parameters per head after {config.sinks} sinks{named} "
                           f"and a {window}-token window; raise the budget or lower --sinks/--window/--salient")
     return net
 
@@ -121,13 +122,15 @@ def run_fit(config: FitConfig, out: Path, device: str = "cpu", overwrite: bool =
                                model_type=model.config.model_type, **shape, scaling=sets.scaling,
                                max_positions=max_positions)
     context_record = ContextRecord(source=context.source, sha256=context.sha256, n=context.n, sinks=config.sinks,
-                                   window=config.window_tokens(context.n, shape["head_dim"]), salient=config.salient,
+                                   window=config.window_tokens(context.n, shape["head_dim"]),
+                                   salient=config.salient_tokens(context.n, shape["head_dim"]),
                                    document_tokens=context.document_tokens,
                                    document_total_tokens=context.document_total_tokens, prefix_text=context.prefix_text,
                                    question_template=context.question_template)
     manifest = ArtifactManifest(model=model_record, context=context_record, max_new_tokens=config.reserve,
                                 config=config, fit=metrics)
-    heldout = HeldOut(context_ids=tuple(context.ids), test=tuple(samples.splits["test"]))
+    heldout = HeldOut(context_ids=tuple(context.ids), test=tuple(samples.splits["test"]),
+                      val=tuple(samples.splits["val"]))
     heads = {variant: [pair.cpu() for pair in pairs] for variant, pairs in heads.items()}
     save_artifact(out, manifest, heads, heldout, overwrite, mass=sets.mass)
     return metrics
@@ -140,7 +143,7 @@ def layer_sets(model: Any, cache: ContextCache, samples: SampleSet, config: FitC
     queries = {split: clock.run("collect", lambda: collect(model, cache, samples.splits[split], desc=f"{split} queries"))
                for split in ("train", "val")}
     mass = clock.run("attention_mass", lambda: attention_mass(queries["train"], cache, scaling))
-    exact = exact_sets(n, config.sinks, config.window_tokens(n, dim), config.salient, mass, len(mass),
+    exact = exact_sets(n, config.sinks, config.window_tokens(n, dim), config.salient_tokens(n, dim), mass, len(mass),
                        cache.keys[0].device)
     train = clock.run("targets", lambda: targets(queries["train"], cache, exact, scaling, desc="train targets"))
     val = clock.run("targets", lambda: targets(queries["val"], cache, exact, scaling, desc="val targets"))

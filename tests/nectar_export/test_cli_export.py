@@ -170,18 +170,19 @@ def test_whole_document_with_salient_tokens_fits_evaluates_exports_and_verifies(
     doc.write_text(load_document("manual-4k").text[:1500])
     art, bundle = tmp_path / "art", tmp_path / "bundle"
     fit = run_cli("fit", "--model", str(tiny_ckpt), "--context", str(doc), "--quick", "--epochs", "1",
-                  "--no-ablations", "--salient", "8", "-o", str(art))
+                  "--no-ablations", "--salient", "0.25", "-o", str(art))
     assert fit.returncode == 0, fit.stderr[-2000:]
     manifest = read_manifest(art)
-    assert manifest.context.document_whole and manifest.context.salient == 8
+    salient = manifest.context.salient
+    assert manifest.context.document_whole and salient == round(0.25 * manifest.n * 0.125)
     assert "continuation" not in manifest.fit["samples"]["train"]
     sets = load_artifact(art, load_model(str(tiny_ckpt)).fingerprint).exact_sets()
     sinks, window = manifest.exact_tokens
-    assert all(s.shape == (manifest.model.kv_heads, sinks + window + 8) for s in sets)
+    assert all(s.shape == (manifest.model.kv_heads, sinks + window + salient) for s in sets)
     assert any(not torch.equal(s[0], s[1]) for s in sets)          # the heads keep different tokens
     report = json.loads(run_cli("eval", str(art), "--json", "--questions", "2").stdout)
     assert report["document_whole"] is True and report["headline_sources"] == ["self_study"]
     export_bundle(art, bundle)
-    assert load_bundle(bundle).manifest.cached_tokens == sinks + window + 8
+    assert load_bundle(bundle).manifest.cached_tokens == sinks + window + salient
     verified = _verify(bundle)
     assert verified["top1_match"] == 1.0 and verified["max_abs_logit_diff"] < 1e-4
