@@ -42,7 +42,7 @@ def fit_point(args: argparse.Namespace, budget: float, salient_share: float, out
     # the ablations are baselines of the budget, fitted once per budget (beside the run without salient tokens)
     config = FitConfig.recipe(args.recipe, context=args.context, model=args.model, budget=budget,
                               context_tokens=args.context_tokens, ablations=args.ablations and not salient_share,
-                              salient=salient_share)
+                              salient=salient_share, coverage=args.coverage)
     if (out / "nectar.json").is_file() and read_manifest(out).config == config:
         return read_manifest(out).fit
     return run_fit(config, out, args.device, overwrite=True)
@@ -158,6 +158,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Salient exact tokens as fractions of each budget's tokens, e.g. 0,0.25,0.5.")
     p.add_argument("--recipe", default="default", choices=("default", "quick"))
     p.add_argument("--no-ablations", dest="ablations", action="store_false")
+    p.add_argument("--no-coverage", dest="coverage", action="store_false",
+                   help="Hold out a fifth of the document's passages instead of training on every one.")
     p.add_argument("--device", default="cpu")
     p.add_argument("--work", type=Path, required=True, help="Artifacts go here (reused when the config matches).")
     p.add_argument("--out", type=Path, default=None, help="Where the JSON and PNG go [default: --work].")

@@ -58,6 +58,9 @@ def main() -> None:
 @click.option("--salient", type=float, default=0.0, show_default=True,
               help="Share of the budget spent on salient exact tokens: per layer and KV-head, the context tokens "
                    "the training queries attend to most stay exact KV; the networks model the rest.")
+@click.option("--coverage/--no-coverage", default=True, show_default=True,
+              help="When the document fits whole: train on queries over every passage (held-out ones are shifted "
+                   "spans and other questions) instead of holding out a fifth of the document.")
 @click.option("--reserve", type=int, default=512, show_default=True,
               help="New-token positions kept free after the context (the bundle's prompt + answer window).")
 @click.option("--epochs", type=int, default=None, help="Maximum epochs per layer (early stopping may end sooner).")

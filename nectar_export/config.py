@@ -39,6 +39,7 @@ class FitConfig:
     reserve: int = 512                # new-token positions that must fit after the context
     seed: int = 0
     passage_tokens: int = 64
+    coverage: bool = True             # whole document: every passage gets training queries (samples.py says how)
     continuation: tuple[int, int, int] = (128, 16, 32)   # (train, validation, test) samples per source
     repeat: tuple[int, int, int] = (24, 4, 12)
     self_study: tuple[int, int, int] = (64, 8, 24)

@@ -6,6 +6,12 @@ Four sources, each split into disjoint train / validation / test parts:
 - self_study: questions the model writes about sampled passages, with its own full-context answers,
 - prompts: the user's prompt file, answered by the model with full context.
 Validation drives early stopping; test is only ever used by eval.
+
+When the context holds the whole document there is no continuation text, and a user's questions may be about
+any passage, so (with FitConfig.coverage) every passage gets training queries: repeat trains on every aligned
+block and self-study asks about every block; validation and test repeat spans start half a block off the
+aligned grid (token sequences no training sample holds), and their questions are sampled apart from training's.
+Without coverage, passages are dealt to the splits and test passages get no training query at all.
 """
 
 from __future__ import annotations
@@ -123,18 +129,21 @@ def build_samples(model: Any, tokenizer: Any, context: Context, doc_ids: Sequenc
                   full: Sequence[ContextAttention], config: FitConfig) -> SampleSet:
     """Make every source's samples; self-study questions and all answers are written by the model itself."""
     rng = random.Random(config.seed)
-    size = config.passage_tokens
     samples = SampleSet()
-    passages = _deal(_blocks(doc_ids[:context.document_tokens], size), (70, 10, 20), rng)
-    beyond = _blocks(doc_ids[context.document_tokens:], size)
+    beyond = _blocks(doc_ids[context.document_tokens:], config.passage_tokens)
     for split, blocks in _deal(beyond, config.continuation, rng).items():
         samples.splits[split] += [Sample("continuation", tuple(b)) for b in blocks]
+    whole = context.document_tokens >= context.document_total_tokens
+    passages = (_covering(doc_ids[:context.document_tokens], config, rng) if whole and config.coverage else
+                _deal(_blocks(doc_ids[:context.document_tokens], config.passage_tokens), (70, 10, 20), rng))
     questions: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     for split, repeat, study in zip(SPLITS, config.repeat, config.self_study):
         blocks = passages[split]
+        shown = blocks if whole and config.coverage and split == "train" else blocks[:repeat]
         samples.splits[split] += [Sample("repeat", tuple(question_ids(tokenizer, context.question_template, tokenizer.decode(b))))
-                                  for b in blocks[:repeat]]
-        asked = write_questions(model, tokenizer, _cycle(blocks, study), config.seed, split)
+                                  for b in shown]
+        asked = write_questions(model, tokenizer, _cycle(blocks, max(study, len(shown) if split == "train" else 0)),
+                                config.seed, split)
         questions[split] += [("self_study", q) for q in asked]
     if config.prompts:
         for split, prompts in _deal(read_prompts(config.prompts), (8, 1, 1), rng).items():
@@ -146,6 +155,14 @@ def build_samples(model: Any, tokenizer: Any, context: Context, doc_ids: Sequenc
                            stop, pad_id(tokenizer), desc=f"answers ({split})") if prompts else []
         samples.splits[split] += [Sample(src, tuple(p + a), q) for (src, q), p, a in zip(pairs, prompts, answers)]
     return samples
+
+
+def _covering(doc: Sequence[int], config: FitConfig, rng: random.Random) -> dict[str, list[list[int]]]:
+    """Passages when the document is whole: train gets every aligned block; validation and test get disjoint
+    samples of the blocks half a block off that grid (each overlaps two training blocks, equals none)."""
+    size = config.passage_tokens
+    want = (0, max(config.repeat[1], config.self_study[1]), max(config.repeat[2], config.self_study[2]))
+    return {**_deal(_blocks(doc[size // 2:], size), want, rng), "train": _blocks(doc, size)}
 
 
 def write_questions(model: Any, tokenizer: Any, passages: list[list[int]], seed: int, split: str) -> list[str]:
