@@ -99,6 +99,30 @@ def artifact(tmp_path_factory, tiny_ckpt) -> Path:
 
 
 @pytest.fixture(scope="session")
+def whole_artifact(tmp_path_factory, tiny_ckpt) -> Path:
+    """`fit --quick --epochs 1 --salient 0.25` on a document that fits whole (the first 1,500 characters of
+    manual-4k): coverage samples, per-head salient exact tokens, no ablations."""
+    from nectar_export.context import load_document
+
+    root = tmp_path_factory.mktemp("whole")
+    (root / "doc.txt").write_text(load_document("manual-4k").text[:1500])
+    result = run_cli("fit", "--model", str(tiny_ckpt), "--context", str(root / "doc.txt"), "--quick", "--epochs", "1",
+                     "--no-ablations", "--salient", "0.25", "-o", str(root / "art"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "art"
+
+
+@pytest.fixture(scope="session")
+def small_qa(tmp_path_factory) -> Path:
+    """Four questions of the shipped manual-4k QA set, both splits (the whole set is 82: too slow for a test)."""
+    lines = (Path(__file__).parents[1] / "nectar_export/data/python-manual-4k-qa.jsonl").read_text().splitlines()
+    picked = [line for line in lines if '"tune"' in line][:2] + [line for line in lines if '"untouched"' in line][:2]
+    path = tmp_path_factory.mktemp("qa") / "qa.jsonl"
+    path.write_text("\n".join(picked) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
 def bundles(tmp_path_factory, artifact) -> dict[str, Path]:
     """fp32 bundles of the artifact, exported side by side by `nectar-export export`: "nectar", "full" (full
     attention), and both with the static KV layout ("nectar_static", "full_static")."""

@@ -158,30 +158,31 @@ def test_export_over_an_existing_bundle_needs_overwrite_and_never_deletes_other_
     assert not any(p.name.startswith(".bundle.") for p in tmp_path.iterdir())
 
 
-def test_whole_document_with_salient_tokens_fits_evaluates_exports_and_verifies(tmp_path, tiny_ckpt):
+def test_whole_document_with_salient_tokens_fits_evaluates_exports_and_verifies(tmp_path, tiny_ckpt, whole_artifact,
+                                                                                  small_qa):
     """A document consumed whole (no continuation text) with per-head salient exact tokens, end to end: eval's
     headline holds no continuation, the bundle ships each KV-head's own exact tokens, and it matches torch."""
     from nectar_export.artifact import load_artifact, read_manifest
-    from nectar_export.context import load_document
     from nectar_export.models import load_model
     from nectar_runtime.bundle import load_bundle
 
-    doc = tmp_path / "doc.txt"
-    doc.write_text(load_document("manual-4k").text[:1500])
-    art, bundle = tmp_path / "art", tmp_path / "bundle"
-    fit = run_cli("fit", "--model", str(tiny_ckpt), "--context", str(doc), "--quick", "--epochs", "1",
-                  "--no-ablations", "--salient", "0.25", "-o", str(art))
-    assert fit.returncode == 0, fit.stderr[-2000:]
+    art, bundle = whole_artifact, tmp_path / "bundle"
     manifest = read_manifest(art)
     salient = manifest.context.salient
     assert manifest.context.document_whole and salient == round(0.25 * manifest.n * 0.125)
     assert "continuation" not in manifest.fit["samples"]["train"]
+    blocks = manifest.context.document_tokens // manifest.config.passage_tokens
+    assert manifest.fit["samples"]["train"]["repeat"] == blocks          # coverage: every passage is repeated
     sets = load_artifact(art, load_model(str(tiny_ckpt)).fingerprint).exact_sets()
     sinks, window = manifest.exact_tokens
     assert all(s.shape == (manifest.model.kv_heads, sinks + window + salient) for s in sets)
     assert any(not torch.equal(s[0], s[1]) for s in sets)          # the heads keep different tokens
-    report = json.loads(run_cli("eval", str(art), "--json", "--questions", "2").stdout)
+    evaluated = run_cli("eval", str(art), "--json", "--questions", "2", "--qa", str(small_qa))
+    report = json.loads(evaluated.stdout)
     assert report["document_whole"] is True and report["headline_sources"] == ["self_study"]
+    assert report["qa"]["questions"] == 4 and 0.0 <= report["qa_agreement"] <= 1.0
+    assert set(report["qa"]["split_accuracy"]["nectar"]) == {"tune", "untouched"}
+    assert set(report["baselines"]) >= {"recent_window", "snapkv", "query_aware"}
     export_bundle(art, bundle)
     assert load_bundle(bundle).manifest.cached_tokens == sinks + window + salient
     verified = _verify(bundle)
