@@ -91,7 +91,10 @@ def evaluate(artifact: str, model: str | None, questions: int | None, as_json: b
     """Measure an artifact against full attention and the baselines on held-out text."""
     from nectar_export.evaluate import run_eval
     from nectar_export.report import table
+    from nectar_graphs.files import check_writable
 
+    if Path(artifact).expanduser().is_dir():
+        check_writable(Path(artifact))        # eval stores its report in nectar.json: refuse now, not after the work
     report = run_eval(Path(artifact), model, questions)
     click.echo(json.dumps(report, indent=2) if as_json else table(report))
 

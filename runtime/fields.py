@@ -90,5 +90,8 @@ def path_inside(folder: Path, name: str, error: type[NectarError], kind: str) ->
 def write_json(file: Path, data: object) -> None:
     """Write JSON next to `file`, then rename it over `file` (readers never see half a manifest)."""
     tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, file)
+    try:
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, file)
+    except OSError as exc:
+        raise NectarError(f"cannot write {file}: {(exc.strerror or str(exc)).lower()}") from None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 
 from nectar_runtime.backends.ort_cuda import OrtCudaBackend
@@ -96,6 +97,21 @@ def collected_layers(arch: str = "llama", n: int = 96, sinks: int = 2):
 def run_cli(*args: str, cwd: Path | None = None, input: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nectar_export.cli", *args], capture_output=True, text=True,
                           cwd=cwd, input=input, timeout=900)
+
+
+def read_only(folder: Path, *command: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a command where `folder` is a read-only bind mount of itself, in a mount namespace of its own (nothing
+    outside the command sees the mount). Skips the calling test where `unshare` cannot make one."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare here to make a private read-only mount")
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1" && shift && exec "$@"'
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(folder), "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private read-only mount here: {probe.stderr.decode(errors='replace').strip()[:200]}")
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(folder), *command], capture_output=True,
+                          text=True, timeout=timeout)
 
 
 # the last line of `nectar-export run` and `python -m nectar_runtime`
