@@ -367,8 +367,10 @@ def _check_files(path: Path, manifest: BundleManifest, check_hashes: bool) -> No
             raise BundleError(f"{path / MANIFEST} does not list {needed}; re-export the bundle")
 
 
-def load_bundle(path: str | Path, check_hashes: bool = False) -> Bundle:
-    """Read bundle.json and check format, fields and every listed file (size, optionally sha256)."""
+def load_bundle(path: str | Path, check_hashes: bool = True) -> Bundle:
+    """Read bundle.json and check format, fields and every listed file: inside the folder, its size, and its
+    sha256 unless `check_hashes` is False (the command lines' --no-hash-check: it saves reading every byte once,
+    see the README's trust model)."""
     path = Path(path).expanduser()
     manifest = read_manifest(path)
     _check_files(path, manifest, check_hashes)

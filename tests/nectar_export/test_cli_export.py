@@ -155,3 +155,16 @@ def test_export_over_an_existing_bundle_needs_overwrite_and_never_deletes_other_
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == before
     assert not any(p.name.startswith(".bundle.") for p in tmp_path.iterdir())
+
+
+def test_build_hashes_the_bundle_unless_told_not_to(bundle_copy):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here: --no-hash-check would build")
+    path = bundle_copy / "model.onnx"
+    with open(path, "r+b") as fh:
+        fh.seek(path.stat().st_size // 2)
+        fh.write(b"\0" * 4096)
+    _fails(run_cli("build", str(bundle_copy)), None, "model.onnx does not match its sha256")
+    _fails(run_cli("build", str(bundle_copy), "--no-hash-check"), None, "pip install tensorrt")
