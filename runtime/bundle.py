@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from nectar_runtime.errors import BundleError
+from nectar_runtime.external_data import check_external_data
 from nectar_runtime.fields import Fields, path_inside, write_json
 
 FORMAT = "nectar-bundle/2"
@@ -370,8 +371,9 @@ def _check_files(path: Path, manifest: BundleManifest, check_hashes: bool) -> No
 def load_bundle(path: str | Path, check_hashes: bool = True) -> Bundle:
     """Read bundle.json and check format, fields and every listed file: inside the folder, its size, and its
     sha256 unless `check_hashes` is False (the command lines' --no-hash-check: it saves reading every byte once,
-    see the README's trust model)."""
+    see the README's trust model); and the graph's external data, which may name only listed files."""
     path = Path(path).expanduser()
     manifest = read_manifest(path)
     _check_files(path, manifest, check_hashes)
+    check_external_data(path, ONNX_FILE, set(manifest.files))
     return Bundle(path=path, manifest=manifest)

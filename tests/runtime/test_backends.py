@@ -44,12 +44,17 @@ def test_size_mismatch_is_reported(bundle_copy):
 def test_corrupt_onnx_of_the_right_size_fails_on_load(bundle_copy):
     path = bundle_copy / "model.onnx"
     data = bytearray(path.read_bytes())
-    data[:4096] = b"\xff" * 4096                           # same size: the hash notices, or ONNX Runtime
+    data[:4096] = b"\xff" * 4096                           # same size: the hash notices, or the graph's reader
     path.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="sha256"):
         Generator(bundle_copy)
-    with pytest.raises(BackendError) as exc:
+    with pytest.raises(BundleError) as exc:
         Generator(bundle_copy, check_hashes=False)
+    assert "model.onnx is not an ONNX file" in one_line(exc)
+    path.write_bytes(b"\x08\x0a")                          # a protobuf message (ir_version 10) but no graph
+    read_manifest(bundle_copy).with_files(bundle_copy, ["model.onnx"]).save(bundle_copy)
+    with pytest.raises(BackendError) as exc:
+        Generator(bundle_copy)
     assert "ONNX Runtime cannot load" in one_line(exc)
 
 
