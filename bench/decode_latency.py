@@ -99,7 +99,8 @@ def summarize_profile(trace: Path, last_runs: int) -> dict[str, Any]:
 
 
 def measure(path: Path, tokens: int, warmup: int, prompt_tokens: int, threads: int | None,
-            backend_name: str = "ort-cpu", profile: Path | None = None, cuda_graph: bool = True) -> dict[str, Any]:
+            backend_name: str = "ort-cpu", profile: Path | None = None, cuda_graph: bool = True,
+            check_hashes: bool = True) -> dict[str, Any]:
     """One bundle's row, measured in this process (run it in a fresh one).
 
     On ort-cuda the row also has `device_mem_mb`: the GPU's memory in use at the end of the measured pass
@@ -113,7 +114,7 @@ def measure(path: Path, tokens: int, warmup: int, prompt_tokens: int, threads: i
     from nectar_runtime.errors import GenerationError
     from nectar_runtime.generator import forced_decode, load_tokenizer
 
-    bundle = load_bundle(path)
+    bundle = load_bundle(path, check_hashes=check_hashes)
     if prompt_tokens + max(tokens, warmup) > bundle.manifest.max_new_tokens:
         raise GenerationError(f"{path}: {prompt_tokens} prompt + {max(tokens, warmup)} tokens exceed the bundle's "
                               f"window of {bundle.manifest.max_new_tokens}")
@@ -162,6 +163,8 @@ def measure_in_child(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         cmd += ["--profile", str(args.profile)]
     if args.no_cuda_graph:
         cmd += ["--no-cuda-graph"]
+    if args.no_hash_check:
+        cmd += ["--no-hash-check"]
     try:
         return harness.run_json_child(cmd)
     except harness.ChildError as exc:
@@ -270,6 +273,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("ort-cpu", "ort-cuda"), default="ort-cpu",
                    help="Runtime backend (the issue-4 table is ort-cpu; bench/gpu_decode.py uses ort-cuda).")
     p.add_argument("--no-cuda-graph", action="store_true", help="ort-cuda: plain runs even for static bundles.")
+    p.add_argument("--no-hash-check", action="store_true", help="Skip the sha256 of each bundle's files at load.")
     p.add_argument("--profile", type=Path, default=None,
                    help="ORT trace file prefix; rows get a per-step summary of it (node counts and times).")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="Folder for the JSON and the PNG.")
@@ -285,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             print(json.dumps(measure(args.child, args.tokens, args.warmup, args.prompt_tokens, args.threads,
-                                     args.backend, args.profile, not args.no_cuda_graph)))
+                                     args.backend, args.profile, not args.no_cuda_graph, not args.no_hash_check)))
         except NectarError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -28,7 +28,7 @@ from nectar_export.heads import MLPPair, Pair, QuadraturePair
 from nectar_export.samples import Sample
 from nectar_graphs.files import check_output_folder, staged_folder
 from nectar_runtime.bundle import template_problem
-from nectar_runtime.fields import Fields, path_inside, write_json
+from nectar_runtime.fields import MAX_MANIFEST, Fields, path_inside, read_json, write_json
 
 FORMAT = "nectar-artifact/1"
 MANIFEST = "nectar.json"
@@ -37,6 +37,7 @@ HELDOUT = "heldout.json"
 MASS = "attention_mass.safetensors"
 FIX = "refit the artifact with `nectar-export fit`"
 MAX_TOKENS = 1 << 24
+MAX_HELDOUT = 1 << 30          # bytes of heldout.json: the context's ids (MAX_TOKENS of them) and the test samples
 
 
 def _fields(data: Any, where: str) -> Fields:
@@ -62,7 +63,7 @@ class ModelRecord:
         return cls(source=f.get("source", str), fingerprint=f.get("fingerprint", str),
                    model_type=f.get("model_type", str), layers=f.count("layers", 1, 1024),
                    kv_heads=f.count("kv_heads", 1, 4096), query_heads=f.count("query_heads", 1, 4096),
-                   head_dim=f.count("head_dim", 1, 4096), scaling=f.number("scaling"),
+                   head_dim=f.count("head_dim", 1, 4096), scaling=f.number("scaling", low=1e-12, high=1e12),
                    max_positions=f.count("max_positions", 1, MAX_TOKENS))
 
 
@@ -109,7 +110,7 @@ class VariantRecord:
     @classmethod
     def from_json(cls, f: Fields, layers: int) -> "VariantRecord":
         file = f.get("file", str)
-        if Path(file).is_absolute() or ".." in Path(file).parts:
+        if not file or len(file) > 4096 or Path(file).is_absolute() or ".." in Path(file).parts:
             raise f.fail("file", "a path inside the artifact folder")
         shapes = f.get("layers", list, expected="a list of pair shapes")
         if len(shapes) != layers:
@@ -124,6 +125,16 @@ def _pair_shape(f: Fields) -> dict[str, Any]:
         return {"family": family, "slots": f.count("slots", 1, 1 << 20)}
     return {"family": family, "target_hidden": f.count("target_hidden", 1, 1 << 20),
             "score_hidden": f.count("score_hidden", 1, 1 << 20)}
+
+
+def _fit_report(f: Fields) -> dict[str, Any]:
+    """fit's report, free-form but for the numbers eval reads: nectar_params, kv_entries and each variant's params."""
+    f.count("nectar_params", 0, 1 << 62)
+    f.count("kv_entries", 1, 1 << 62)
+    variants = f.child("variants", {})
+    for name in variants.data:
+        variants.child(name).count("params", 0, 1 << 62, None)
+    return f.data
 
 
 @dataclass(frozen=True)
@@ -185,7 +196,7 @@ class ArtifactManifest:
         except (NectarError, TypeError, ValueError) as exc:
             raise NectarError(f"{where}: config is not a fit configuration ({exc}); {FIX}") from None
         return cls(model=model, context=context, max_new_tokens=positions.count("max_new_tokens", 1, MAX_TOKENS),
-                   config=config, fit=f.get("fit", dict), variants=variants, eval=f.get("eval", dict, None),
+                   config=config, fit=_fit_report(f.child("fit")), variants=variants, eval=f.get("eval", dict, None),
                    code_version=f.get("code_version", str, ""))
 
     def save(self, folder: Path) -> None:
@@ -341,10 +352,7 @@ def _read_json(file: Path, what: str) -> Any:
     if not file.is_file():
         raise NectarError(f"{file.parent} is not a Nectar artifact (no {file.name}); {what}")
     file = path_inside(file.parent, file.name, NectarError, "Nectar artifact")
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NectarError(f"{file} is not valid JSON ({exc}); {FIX}") from None
+    return read_json(file, NectarError, FIX, limit=MAX_HELDOUT if file.name == HELDOUT else MAX_MANIFEST)
 
 
 def read_manifest(path: Path) -> ArtifactManifest:

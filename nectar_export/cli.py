@@ -14,6 +14,10 @@ import click
 from nectar_export.errors import NectarError
 from nectar_runtime.backends import BACKEND_NAMES
 
+NO_HASH_CHECK = click.option("--no-hash-check", is_flag=True,
+                             help="Skip the sha256 of the bundle's files at load (sizes and paths are still checked).")
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Print a user error (any NectarError, the root of every stage's errors) as one line and exit 2, without a
     traceback; anything else is a bug and keeps its traceback."""
@@ -101,7 +105,10 @@ def evaluate(artifact: str, model: str | None, questions: int | None, qa: str | 
     """Measure an artifact against full attention and the baselines on held-out text."""
     from nectar_export.evaluate import run_eval
     from nectar_export.report import table
+    from nectar_graphs.files import check_writable
 
+    if Path(artifact).expanduser().is_dir():
+        check_writable(Path(artifact))        # eval stores its report in nectar.json: refuse now, not after the work
     report = run_eval(Path(artifact), model, questions, qa, device)
     click.echo(json.dumps(report, indent=2) if as_json else table(report))
 
@@ -140,12 +147,14 @@ def export_command(artifact: str, output: str, **options: Any) -> None:
               help="Where the graph runs; the logits and the present KV are compared on every backend.")
 @click.option("--model", default=None, help="Model to load instead of the one recorded in the bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@NO_HASH_CHECK
 @friendly_errors
-def verify(bundle: str, prompts: int, steps: int, backend: str, model: str | None, as_json: bool) -> None:
+def verify(bundle: str, prompts: int, steps: int, backend: str, model: str | None, as_json: bool,
+           no_hash_check: bool) -> None:
     """Run a bundle in ONNX Runtime beside the torch model and report the logit gaps."""
     from nectar_export.verify import run_verify
 
-    report = run_verify(Path(bundle), prompts, steps, backend, model)
+    report = run_verify(Path(bundle), prompts, steps, backend, model, check_hashes=not no_hash_check)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -160,12 +169,13 @@ def verify(bundle: str, prompts: int, steps: int, backend: str, model: str | Non
 @click.option("--engine", type=click.Choice(["tensorrt"]), default="tensorrt", show_default=True)
 @click.option("--profile", default=None,
               help="Largest shapes for the optimization profile, e.g. 'batch=1,sequence=128,past=512'.")
+@NO_HASH_CHECK
 @friendly_errors
-def build(bundle: str, engine: str, profile: str | None) -> None:
+def build(bundle: str, engine: str, profile: str | None, no_hash_check: bool) -> None:
     """Build an inference engine (TensorRT) from a bundle's ONNX graph and add it to the bundle."""
     from nectar_export.engine import build_tensorrt
 
-    info = build_tensorrt(Path(bundle), profile)
+    info = build_tensorrt(Path(bundle), profile, check_hashes=not no_hash_check)
     click.echo(f"wrote {Path(bundle) / info['file']} (TensorRT {info['tensorrt_version']}, "
                f"{info['build_seconds']:.0f} s)")
 
@@ -179,6 +189,7 @@ def decoding_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest (0: off)."),
         click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass (1: off)."),
         click.option("--seed", type=int, default=0, show_default=True),
+        NO_HASH_CHECK,
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -201,12 +212,12 @@ def _echo_text(text: str) -> None:
 @click.option("--stream", is_flag=True, help="Print the answer as it is produced.")
 @decoding_options
 @friendly_errors
-def run(bundle: str, prompt: str, stream: bool, backend: str, **options: Any) -> None:
+def run(bundle: str, prompt: str, stream: bool, backend: str, no_hash_check: bool, **options: Any) -> None:
     """Answer one question with a bundle (torch-free runtime); the last line gives the measured latency."""
     from nectar_runtime.generator import Generator
 
     sampling = _sampling(options)
-    with Generator(bundle, backend) as generator:
+    with Generator(bundle, backend, check_hashes=not no_hash_check) as generator:
         result = generator.generate(prompt, sampling, on_text=_echo_text if stream else None)
     click.echo("" if stream else result.text)
     click.echo(result.timing_line(backend))
@@ -216,14 +227,14 @@ def run(bundle: str, prompt: str, stream: bool, backend: str, **options: Any) ->
 @click.argument("bundle", type=click.Path())
 @decoding_options
 @friendly_errors
-def chat(bundle: str, backend: str, **options: Any) -> None:
+def chat(bundle: str, backend: str, no_hash_check: bool, **options: Any) -> None:
     """Ask questions about the bundle's document, one per line (each a fresh question); an empty line or EOF ends."""
     from nectar_runtime.errors import GenerationError
     from nectar_runtime.generator import Generator
 
     sampling = _sampling(options)
     interactive = sys.stdin.isatty()
-    with Generator(bundle, backend) as generator:
+    with Generator(bundle, backend, check_hashes=not no_hash_check) as generator:
         while True:
             if interactive:
                 click.echo("> ", nl=False, err=True)

@@ -77,16 +77,24 @@ class Traced:
 
 def run_export(config: ExportConfig) -> BundleManifest:
     """Build the bundle for an artifact; returns its manifest."""
-    from nectar_graphs.bundle_writer import check_bundle_output, io_spec, structure_proto, write_bundle
-    from nectar_graphs.lint import lint
-    from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls
+    from nectar_graphs.bundle_writer import check_bundle_output
+    from nectar_graphs.files import writing
 
     if config.precision not in PRECISIONS:
         raise NectarError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if config.cache not in CACHE_LAYOUTS:
         raise NectarError(f"unknown cache layout {config.cache!r}; choose one of {', '.join(CACHE_LAYOUTS)}")
-    check_bundle_output(config.output, config.overwrite)
-    manifest = read_manifest(config.artifact)
+    with writing(config.output):            # before any work: -o writable, and no other export writing it
+        check_bundle_output(config.output, config.overwrite)
+        return _export(config, read_manifest(config.artifact))
+
+
+def _export(config: ExportConfig, manifest: ArtifactManifest) -> BundleManifest:
+    """run_export's stages, with the output held."""
+    from nectar_graphs.bundle_writer import io_spec, structure_proto, write_bundle
+    from nectar_graphs.lint import lint
+    from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls
+
     # converting before fusing: the fused q|k|v and gate|up copies are made in the low precision
     passes = [fold_constants, convert_precision(config.precision), fuse_sibling_matmuls, cleanup]
     stage = Stages(["torch.onnx.export", *[p.__name__ for p in passes], "lint", "write"])

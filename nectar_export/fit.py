@@ -19,6 +19,7 @@ from nectar_export.train import TrainSettings, fit_pairs
 from nectar_export.heads import MLPPair, Pair, QuadraturePair, build_pair, pair_params
 from nectar_export.models import check_device, LoadedModel, load_model
 from nectar_export.prefill import ContextCache, complement, prefill, take
+from nectar_graphs.files import writing
 from nectar_export.samples import SampleSet, build_samples
 from nectar_export.selection import attention_mass, exact_sets
 
@@ -93,8 +94,15 @@ def run_fit(config: FitConfig, out: Path, device: str = "cpu", overwrite: bool =
     """The whole fitting pipeline; writes the artifact to out and returns its manifest's metrics.
 
     `device` only decides where the work runs (float32 everywhere), not what is fitted; `overwrite` lets it
-    replace an earlier artifact at `out`.
+    replace an earlier artifact at `out`. Before any work, `out` is held (nectar_graphs.files.writing): refused
+    in one line when it cannot be written or another process is writing it.
     """
+    with writing(out):
+        return _run_fit(config, out, device, overwrite)
+
+
+def _run_fit(config: FitConfig, out: Path, device: str, overwrite: bool) -> dict[str, Any]:
+    """run_fit's stages, with `out` held."""
     check_output(out, overwrite)
     dev = check_device(device)
     torch.manual_seed(config.seed)

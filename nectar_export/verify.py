@@ -75,12 +75,12 @@ class Gaps:
 
 
 def run_verify(path: Path, prompts: int = 24, steps: int = 10, backend_name: str = "ort-cpu",
-               model_spec: str | None = None, **backend_options: Any) -> dict[str, Any]:
+               model_spec: str | None = None, check_hashes: bool = True, **backend_options: Any) -> dict[str, Any]:
     """Run both on up to `prompts` held-out questions with `steps` greedy decode steps each; report the gaps."""
     from nectar_runtime.backends import make_backend
     from nectar_runtime.bundle import load_bundle
 
-    bundle = load_bundle(path, check_hashes=True)
+    bundle = load_bundle(path, check_hashes=check_hashes)
     manifest = bundle.manifest
     if manifest.source is None:
         raise NectarError(f"{bundle.path} records no source artifact, so there is nothing to verify it against; "

@@ -1,6 +1,7 @@
 """nectar_runtime: the thin, torch-free runtime that answers questions from a bundle.
 
     bundle.py      the bundle folder and BundleManifest, the only reader and writer of bundle.json
+    external_data.py  the files an ONNX graph reads as external data, from its protobuf bytes (no onnx package)
     backends/      the Backend base class and the registry: ort-cpu (host arrays), ort-cuda (IOBinding, KV on
                    the GPU), tensorrt (engine, unverified)
     sampling.py    greedy / temperature / top-k / top-p with a seed

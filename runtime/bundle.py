@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nectar_runtime.errors import BundleError
-from nectar_runtime.fields import Fields, path_inside, write_json
+from nectar_runtime.external_data import check_external_data
+from nectar_runtime.fields import Fields, path_inside, read_json, write_json
 
 FORMAT = "nectar-bundle/2"
 READABLE = ("nectar-bundle/1", FORMAT)
@@ -55,6 +55,7 @@ KINDS = ("nectar", "full")
 LAYOUTS = ("dynamic", "static")
 PRECISIONS = ("fp32", "fp16", "bf16")
 KV_DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = (*KV_DTYPES, "float64", "int64", "int32", "int16", "int8", "uint8", "bool")    # of graph inputs and outputs
 LOGITS = ("last", "all")
 # The past and present tensor names of the step graph (the Hugging Face / Optimum convention), spelled once.
 PAST_TEMPLATES = {"key": "past_key_values.{layer}.key", "value": "past_key_values.{layer}.value",
@@ -152,7 +153,8 @@ def _tensor_specs(reader: Fields, key: str) -> tuple[TensorSpec, ...]:
         shape = spec.get("shape", (list, type(None)), None, "a list of ints and axis names")
         if shape is not None and not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in shape):
             raise spec.fail("shape", "a list of ints and axis names")
-        specs.append(TensorSpec(spec.get("name", str), spec.get("dtype", str), None if shape is None else tuple(shape)))
+        dims = None if shape is None else tuple(shape)
+        specs.append(TensorSpec(spec.get("name", str), spec.choice("dtype", DTYPES), dims))
     return tuple(specs)
 
 
@@ -162,6 +164,23 @@ def _files(reader: Fields) -> dict[str, FileEntry]:
         item = _fields(entry, f"{reader.where} files[{name!r}]")
         files[name] = FileEntry(item.count("bytes", 0, 1 << 50), item.get("sha256", str))
     return files
+
+
+def _graph(reader: Fields) -> dict[str, Any]:
+    """export's report, free-form but for what commands read of it: each pass's name and counts (verify's fusion
+    counts) and the op counts, integers by name."""
+    graph = reader.child("graph", {})
+    for i, item in enumerate(graph.get("passes", list, [], "a list of pass reports")):
+        report = _fields(item, f"{graph.where} passes[{i}]")
+        report.get("name", str)
+        _counts(report.child("counts", {}))
+    _counts(graph.child("op_counts", {}))
+    return graph.data
+
+
+def _counts(reader: Fields) -> None:
+    for key in reader.data:
+        reader.count(key, 0, 1 << 62)
 
 
 def _source(reader: Fields) -> Source | None:
@@ -253,27 +272,44 @@ class BundleManifest:
         past = r.get("past", dict, dict(PAST_TEMPLATES))
         if past != PAST_TEMPLATES:
             raise r.fail("past", f"the names {PAST_TEMPLATES}")
+        vocab = r.count("vocab_size", 1, 1 << 24)
         template = r.child("template").get("question", str)
         if (problem := template_problem(template)) is not None:
             raise BundleError(f"{where}: the question template is refused: {problem}; re-export the bundle")
         manifest = cls(
             kind=kind, precision=r.choice("precision", PRECISIONS), kv_dtype=r.choice("kv_dtype", KV_DTYPES),
-            n=n, first_position=r.count("first_position", 0, MAX_TOKENS),
+            n=n, first_position=r.count("first_position", n, n),            # the first new token follows the n
             max_new_tokens=r.count("max_new_tokens", 1, MAX_TOKENS), cached_tokens=cached,
             logits=r.choice("logits", LOGITS), layers=r.count("layers", 1, MAX_LAYERS),
             kv_heads=r.count("kv_heads", 1, 4096), head_dim=r.count("head_dim", 1, 4096),
-            vocab_size=r.count("vocab_size", 1, 1 << 24), inputs=_tensor_specs(r, "inputs"),
+            vocab_size=vocab, inputs=_tensor_specs(r, "inputs"),
             outputs=_tensor_specs(r, "outputs"), question_template=template,
-            stop_token_ids=r.ints("stop_token_ids"), pad_token_id=r.count("pad_token_id", 0, 1 << 24),
+            stop_token_ids=r.ints("stop_token_ids", below=vocab), pad_token_id=r.count("pad_token_id", 0, vocab - 1),
             cache_layout=r.choice("cache_layout", LAYOUTS, "dynamic"), source=_source(r),
-            graph=r.get("graph", dict, {}), files=_files(r), engines=r.get("engines", dict, {}))
+            graph=_graph(r), files=_files(r), engines=r.get("engines", dict, {}))
         if not manifest.outputs:
             raise r.fail("outputs", "the logits output first")
+        if version == FORMAT and CONTEXT_FILE in manifest.files and not cached:     # format 1 kept it either way
+            raise r.fail("cached_tokens", f"the number of tokens whose KV {CONTEXT_FILE} holds")
         return manifest
 
     def save(self, folder: Path) -> None:
         """Write bundle.json into folder through a temp file and a rename (readers never see half of it)."""
         write_json(folder / MANIFEST, self.to_json())
+
+
+def _listed_io(manifest: BundleManifest, inputs: list[tuple[str, list]], outputs: list[tuple[str, list]]) -> str | None:
+    """Where bundle.json's `inputs` and `outputs` differ from the graph's (names, and each dimension the graph
+    names or fixes), or None."""
+    for listed, actual, what in ((manifest.inputs, inputs, "inputs"), (manifest.outputs, outputs, "outputs")):
+        if [s.name for s in listed] != [name for name, _ in actual]:
+            return f"its {what} are not the graph's {len(actual)} {what}"
+        for spec, (name, shape) in zip(listed, actual):
+            if spec.shape is None or shape is None:
+                continue
+            if len(spec.shape) != len(shape) or any(b is not None and a != b for a, b in zip(spec.shape, shape)):
+                return f"it gives {name} the shape {list(spec.shape)[:8]}, the graph {list(shape)}"
+    return None
 
 
 def check_graph_io(manifest: BundleManifest, inputs: list[tuple[str, list]], outputs: list[tuple[str, list]],
@@ -284,7 +320,7 @@ def check_graph_io(manifest: BundleManifest, inputs: list[tuple[str, list]], out
     want_in = ["input_ids", "position_ids", third, *manifest.past_names()]
     want_out = [manifest.logits_name, *manifest.present_names()]
     names_in, names_out = [n for n, _ in inputs], [n for n, _ in outputs]
-    problem = None
+    problem = _listed_io(manifest, inputs, outputs)
     if names_in != want_in or names_out != want_out:
         problem = (f"it describes {manifest.layers} layers of the {manifest.cache_layout} layout ({len(want_in)} inputs, "
                    f"{len(want_out)} outputs), the graph has {len(names_in)} inputs and {len(names_out)} outputs")
@@ -343,11 +379,7 @@ def read_manifest(path: str | Path) -> BundleManifest:
     if not file.is_file():
         raise BundleError(f"{file.parent} is not a bundle (no {MANIFEST}); create one with `nectar-export export`")
     file = inside(file.parent, MANIFEST)
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{file} is not valid JSON ({exc}); re-export the bundle") from None
-    return BundleManifest.from_json(data, str(file))
+    return BundleManifest.from_json(read_json(file, BundleError, "re-export the bundle"), str(file))
 
 
 def _check_files(path: Path, manifest: BundleManifest, check_hashes: bool) -> None:
@@ -367,9 +399,12 @@ def _check_files(path: Path, manifest: BundleManifest, check_hashes: bool) -> No
             raise BundleError(f"{path / MANIFEST} does not list {needed}; re-export the bundle")
 
 
-def load_bundle(path: str | Path, check_hashes: bool = False) -> Bundle:
-    """Read bundle.json and check format, fields and every listed file (size, optionally sha256)."""
+def load_bundle(path: str | Path, check_hashes: bool = True) -> Bundle:
+    """Read bundle.json and check format, fields and every listed file: inside the folder, its size, and its
+    sha256 unless `check_hashes` is False (the command lines' --no-hash-check: it saves reading every byte once,
+    see the README's trust model); and the graph's external data, which may name only listed files."""
     path = Path(path).expanduser()
     manifest = read_manifest(path)
     _check_files(path, manifest, check_hashes)
+    check_external_data(path, ONNX_FILE, set(manifest.files))
     return Bundle(path=path, manifest=manifest)

@@ -104,8 +104,10 @@ class TextStream:
 class Generator:
     """A bundle, its tokenizer and one active backend; answers questions about the bundle's document."""
 
-    def __init__(self, bundle_path: str | Path, backend: str = "ort-cpu", check_hashes: bool = False,
+    def __init__(self, bundle_path: str | Path, backend: str = "ort-cpu", check_hashes: bool = True,
                  **backend_options: Any):
+        """Load and check the bundle (every file's sha256 unless `check_hashes` is False), its tokenizer, and
+        activate the backend."""
         self.bundle = load_bundle(bundle_path, check_hashes=check_hashes)
         self.tokenizer = load_tokenizer(self.bundle)
         self.backend_name = backend
@@ -214,6 +216,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--no-hash-check", action="store_true",
+                        help="skip the sha256 of the bundle's files at load (sizes are still checked)")
     return parser
 
 
@@ -222,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-        with Generator(args.bundle, args.backend) as generator:
+        with Generator(args.bundle, args.backend, check_hashes=not args.no_hash_check) as generator:
             write = (lambda s: print(s, end="", flush=True)) if args.stream else None
             result = generator.generate(args.prompt, sampling, on_text=write)
             print("" if args.stream else result.text)

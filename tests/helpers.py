@@ -7,13 +7,17 @@ tests/conftest.py.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 
 from nectar_runtime.backends.ort_cuda import OrtCudaBackend
@@ -98,6 +102,21 @@ def run_cli(*args: str, cwd: Path | None = None, input: str | None = None) -> su
                           cwd=cwd, input=input, timeout=900)
 
 
+def read_only(folder: Path, *command: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a command where `folder` is a read-only bind mount of itself, in a mount namespace of its own (nothing
+    outside the command sees the mount). Skips the calling test where `unshare` cannot make one."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare here to make a private read-only mount")
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1" && shift && exec "$@"'
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(folder), "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private read-only mount here: {probe.stderr.decode(errors='replace').strip()[:200]}")
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(folder), *command], capture_output=True,
+                          text=True, timeout=timeout)
+
+
 # the last line of `nectar-export run` and `python -m nectar_runtime`
 TIMING = re.compile(r"^\[ort-cpu\] prefill [\d.]+ ms \(\d+ prompt tokens\), [\d.]+ ms/token median over \d+ steps")
 
@@ -172,3 +191,110 @@ class HostBoundBackend(OrtCudaBackend):
 
     def _open(self):
         return ort, ort.InferenceSession(str(self.bundle.onnx_path), providers=["CPUExecutionProvider"])
+
+
+# --- mutations of a real JSON manifest (the fuzz tests: tests/runtime/test_fuzz_bundle.py and
+# tests/nectar_export/test_fuzz_artifact.py) ---
+
+@dataclass(frozen=True)
+class Raw:
+    """JSON text written as it is where a value goes: what json.dumps cannot write (5,000-digit numbers,
+    nesting deeper than Python's recursion limit)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Path-like strings that lead out of a folder: an absolute path, `..` steps, a symbolic link in it."""
+
+    absolute: str
+    parent: str
+    symlink: str
+
+
+def json_paths(data: Any, path: tuple = ()) -> Iterator[tuple]:
+    """The path (keys and indices) of every node under the root. A list's first element stands for all of them
+    (they share a schema), and so does the first entry of a map (eight or more entries, all values of one type)."""
+    if isinstance(data, dict):
+        keys = list(data)
+        if len(keys) >= 8 and len({type(v) for v in data.values()}) == 1:
+            keys = keys[:1]
+        children = [(k, data[k]) for k in keys]
+    elif isinstance(data, list):
+        children = [(0, data[0])] if data else []
+    else:
+        return
+    for key, value in children:
+        yield path + (key,)
+        yield from json_paths(value, path + (key,))
+
+
+def _replacements(value: Any, paths: Paths) -> list[tuple[str, Any]]:
+    """(label, new value) for one node: other types, bounds, sizes, paths out of the folder, nesting."""
+    out = [("null", None), ("true", True), ("in a list", [value]), ("in an object", {"v": value}),
+           ("nested 100000 deep", Raw("[" * 100_000 + "]" * 100_000))]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out += [("-1", -1), ("0", 0), ("10**18", 10**18), ("10**400", 10**400), ("5000 digits", Raw("9" * 5000)),
+                ("0.5", 0.5), ("-2.5", -2.5), ("nan", float("nan")), ("inf", float("inf")), ("'7'", "7")]
+    else:
+        out += [("7", 7), ("-7", -7)]
+    if isinstance(value, str):
+        out += [("''", ""), ("200000 characters", "x" * 200_000), ("absolute path", paths.absolute),
+                ("../ path", paths.parent), ("symlink", paths.symlink), ("format spec", "{question:>99999999}"),
+                ("attribute field", "{question.__class__}")]
+    else:
+        out += [("'x'", "x")]
+    if isinstance(value, list) and value:
+        out += [("[]", []), ("10000 copies", value[:1] * 10_000), ("without its first", value[1:])]
+    if isinstance(value, dict) and value:
+        key = next(iter(value))
+        out += [("{}", {}), ("an extra key", {**value, "zz_extra": {"x": [1, None]}})]
+        out += [(f"key {key!r} renamed {how}", {name if k == key else k: v for k, v in value.items()})
+                for how, name in (("''", ""), ("absolute", paths.absolute), ("../", paths.parent),
+                                  ("symlink", paths.symlink))]
+    return out
+
+
+def mutations(data: Any, paths: Paths) -> Iterator[tuple[str, Any]]:
+    """(label, mutated deep copy of data) for every node of json_paths and every replacement of it, and its
+    removal; then whole-document damage."""
+    for path in json_paths(data):
+        parent = data
+        for key in path[:-1]:
+            parent = parent[key]
+        where = "/".join(map(str, path))
+        for label, new in [*_replacements(parent[path[-1]], paths), ("removed", ...)]:
+            copy = json.loads(json.dumps(data))
+            target = copy
+            for key in path[:-1]:
+                target = target[key]
+            if new is ...:
+                del target[path[-1]]
+            else:
+                target[path[-1]] = new
+            yield f"{where}: {label}", copy
+    for label, raw in (("a JSON list", Raw("[]")), ("null", Raw("null")), ("empty", Raw("")),
+                       ("not JSON", Raw("{bundle")), ("nested 100000 deep", Raw("[" * 100_000 + "]" * 100_000)),
+                       ("not UTF-8", Raw("\udcff")), ("a 5000-digit number", Raw("9" * 5000))):
+        yield f"the whole file: {label}", raw
+
+
+def dump(data: Any) -> bytes:
+    """data as JSON bytes, with each Raw's text in its place (a lone surrogate stands for an invalid byte)."""
+    raws: list[str] = []
+
+    def mark(value: Any) -> Any:
+        if isinstance(value, Raw):
+            raws.append(value.text)
+            return f"\x00raw{len(raws) - 1}\x00"
+        if isinstance(value, dict):
+            return {k: mark(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mark(v) for v in value]
+        return value
+
+    text = json.dumps(mark(data))
+    for i, raw in enumerate(raws):
+        text = text.replace(json.dumps(f"\x00raw{i}\x00"), raw)
+    return text.encode("utf-8", "surrogateescape")

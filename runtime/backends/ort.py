@@ -26,11 +26,21 @@ def load_context_kv(bundle: Bundle, dtype: Any) -> list[np.ndarray]:
     """The bundle's cached tokens' keys and values [1, Hkv, cached_tokens, D] per layer, in past-input order."""
     from safetensors.numpy import load_file
 
-    tensors = load_file(str(bundle.path / CONTEXT_FILE))
     try:
-        return [np.ascontiguousarray(tensors[name].astype(dtype, copy=False)) for name in bundle.past_names()]
-    except KeyError as exc:
-        raise BackendError(f"{bundle.path / CONTEXT_FILE} lacks {exc}; re-export the bundle") from None
+        tensors = load_file(str(bundle.path / CONTEXT_FILE))
+    except Exception as exc:          # safetensors raises its own SafetensorError (and OSError) on a damaged file
+        raise BackendError(f"cannot read {bundle.path / CONTEXT_FILE}: {str(exc).splitlines()[0][:200]}; "
+                           "re-export the bundle") from None
+    m = bundle.manifest
+    want = (1, m.kv_heads, bundle.cached_tokens, m.head_dim)
+    for name in bundle.past_names():
+        if name not in tensors:
+            raise BackendError(f"{bundle.path / CONTEXT_FILE} lacks {name!r}; re-export the bundle")
+        if tensors[name].shape != want:
+            raise BackendError(f"{bundle.path / CONTEXT_FILE} holds {name} of shape {list(tensors[name].shape)}, "
+                               f"bundle.json says {list(want)} ({bundle.cached_tokens} cached tokens); "
+                               "re-export the bundle")
+    return [np.ascontiguousarray(tensors[name].astype(dtype, copy=False)) for name in bundle.past_names()]
 
 
 def session_options(ort: Any, optimize: bool, profile: str | None) -> Any:

@@ -187,3 +187,16 @@ def test_whole_document_with_salient_tokens_fits_evaluates_exports_and_verifies(
     assert load_bundle(bundle).manifest.cached_tokens == sinks + window + salient
     verified = _verify(bundle)
     assert verified["top1_match"] == 1.0 and verified["max_abs_logit_diff"] < 1e-4
+
+
+def test_build_hashes_the_bundle_unless_told_not_to(bundle_copy):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here: --no-hash-check would build")
+    path = bundle_copy / "model.onnx"
+    with open(path, "r+b") as fh:
+        fh.seek(path.stat().st_size // 2)
+        fh.write(b"\0" * 4096)
+    _fails(run_cli("build", str(bundle_copy)), None, "model.onnx does not match its sha256")
+    _fails(run_cli("build", str(bundle_copy), "--no-hash-check"), None, "pip install tensorrt")

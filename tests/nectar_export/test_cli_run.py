@@ -74,3 +74,24 @@ def test_invalid_utf8_is_one_error_line_and_does_not_end_a_chat(nectar_bundle):
                            b"--prompt", b"caf\xe9?"], capture_output=True, timeout=600)
     lines = done.stderr.decode().strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "not valid UTF-8" in lines[0], done.stderr[-1500:]
+
+
+def test_every_load_checks_sha256_unless_told_not_to(bundle_copy):
+    """Issue 18: a weight zeroed in place (same size) ran with exit 0; run, chat and the edge entry point now hash
+    every file at load, and --no-hash-check skips only that."""
+    import subprocess
+    import sys
+
+    path = bundle_copy / "model.onnx"
+    with open(path, "r+b") as fh:
+        fh.seek(path.stat().st_size // 2)
+        fh.write(b"\0" * 4096)
+    edge = [sys.executable, "-m", "nectar_runtime", str(bundle_copy), "--prompt", "Hi", "--max-new-tokens", "2"]
+    for done in (run_cli("run", str(bundle_copy), "--prompt", "Hi"), run_cli("chat", str(bundle_copy), input="Hi\n"),
+                 subprocess.run(edge, capture_output=True, text=True, timeout=600)):
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and "model.onnx does not match its sha256" in lines[0], \
+            done.stderr[-1500:]
+    for done in (run_cli("run", str(bundle_copy), "--prompt", "Hi", "--max-new-tokens", "2", "--no-hash-check"),
+                 subprocess.run(edge + ["--no-hash-check"], capture_output=True, text=True, timeout=600)):
+        assert done.returncode == 0 and TIMING.match(done.stdout.strip().splitlines()[-1]), done.stderr[-1500:]

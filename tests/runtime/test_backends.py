@@ -16,6 +16,7 @@ from nectar_runtime.backends.ort_cuda import OrtCudaBackend
 from nectar_runtime.bundle import load_bundle, read_manifest
 from nectar_runtime.errors import BackendError, BundleError
 from nectar_runtime.generator import Generator
+from nectar_runtime.sampling import Sampling
 from tests.helpers import HostBoundBackend
 
 
@@ -43,13 +44,18 @@ def test_size_mismatch_is_reported(bundle_copy):
 def test_corrupt_onnx_of_the_right_size_fails_on_load(bundle_copy):
     path = bundle_copy / "model.onnx"
     data = bytearray(path.read_bytes())
-    data[:4096] = b"\xff" * 4096                           # same size, so only ONNX Runtime can notice
+    data[:4096] = b"\xff" * 4096                           # same size: the hash notices, or the graph's reader
     path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        Generator(bundle_copy)
+    with pytest.raises(BundleError) as exc:
+        Generator(bundle_copy, check_hashes=False)
+    assert "model.onnx is not an ONNX file" in one_line(exc)
+    path.write_bytes(b"\x08\x0a")                          # a protobuf message (ir_version 10) but no graph
+    read_manifest(bundle_copy).with_files(bundle_copy, ["model.onnx"]).save(bundle_copy)
     with pytest.raises(BackendError) as exc:
         Generator(bundle_copy)
-    assert "cannot load" in one_line(exc)
-    with pytest.raises(BundleError, match="sha256"):
-        load_bundle(bundle_copy, check_hashes=True)
+    assert "ONNX Runtime cannot load" in one_line(exc)
 
 
 def test_corrupt_tokenizer_is_reported(bundle_copy):
@@ -181,3 +187,19 @@ def test_a_manifest_that_disagrees_with_its_graph_is_refused(bundle_copy):
     with pytest.raises(BundleError) as exc:
         Generator(bundle_copy)
     assert "does not match" in one_line(exc) and "3 layers" in str(exc.value)
+
+
+def test_a_damaged_weight_of_the_right_size_is_found_by_the_default_hash_check(bundle_copy):
+    """Issue 18: sha256 was checked only by verify and build, so zeroed weights of the right size ran silently.
+    Every load hashes now; check_hashes=False (the CLIs' --no-hash-check) keeps the size check only."""
+    path = bundle_copy / "model.onnx"
+    with open(path, "r+b") as fh:                       # inside the embedding table: finite floats, same size
+        fh.seek(path.stat().st_size // 2)
+        fh.write(b"\0" * 4096)
+    with pytest.raises(BundleError) as exc:
+        Generator(bundle_copy)
+    assert "model.onnx does not match its sha256" in one_line(exc)
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(bundle_copy)
+    with Generator(bundle_copy, check_hashes=False) as generator:
+        assert generator.generate("What is a list?", Sampling(max_new_tokens=2)).token_ids
