@@ -130,20 +130,21 @@ def build_samples(model: Any, tokenizer: Any, context: Context, doc_ids: Sequenc
     """Make every source's samples; self-study questions and all answers are written by the model itself."""
     rng = random.Random(config.seed)
     samples = SampleSet()
+    whole = context.document_tokens >= context.document_total_tokens
+    # passages are dealt before the continuation blocks: the order of draws from rng fixes the samples
+    passages = (_covering(doc_ids[:context.document_tokens], config, rng) if whole and config.coverage else
+                _deal(_blocks(doc_ids[:context.document_tokens], config.passage_tokens), (70, 10, 20), rng))
     beyond = _blocks(doc_ids[context.document_tokens:], config.passage_tokens)
     for split, blocks in _deal(beyond, config.continuation, rng).items():
         samples.splits[split] += [Sample("continuation", tuple(b)) for b in blocks]
-    whole = context.document_tokens >= context.document_total_tokens
-    passages = (_covering(doc_ids[:context.document_tokens], config, rng) if whole and config.coverage else
-                _deal(_blocks(doc_ids[:context.document_tokens], config.passage_tokens), (70, 10, 20), rng))
     questions: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     for split, repeat, study in zip(SPLITS, config.repeat, config.self_study):
         blocks = passages[split]
         shown = blocks if whole and config.coverage and split == "train" else blocks[:repeat]
         samples.splits[split] += [Sample("repeat", tuple(question_ids(tokenizer, context.question_template, tokenizer.decode(b))))
                                   for b in shown]
-        asked = write_questions(model, tokenizer, _cycle(blocks, max(study, len(shown) if split == "train" else 0)),
-                                config.seed, split)
+        count = max(study, len(shown)) if whole and config.coverage and split == "train" else study
+        asked = write_questions(model, tokenizer, _cycle(blocks, count), config.seed, split)
         questions[split] += [("self_study", q) for q in asked]
     if config.prompts:
         for split, prompts in _deal(read_prompts(config.prompts), (8, 1, 1), rng).items():
