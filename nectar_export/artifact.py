@@ -267,12 +267,6 @@ class Artifact:
         return exact_sets(self.n, context.sinks, context.window, context.salient, mass,
                           self.manifest.model.layers, device)
 
-    @property
-    def exact_count(self) -> int:
-        """Exact tokens per (layer, KV-head): sinks, window and salient tokens."""
-        context = self.manifest.context
-        return min(self.n, context.sinks + context.window + context.salient)
-
     def attention_mass(self) -> list[torch.Tensor] | None:
         """Per layer [Hkv, n] mean softmax weights under the training queries; None for artifacts without them."""
         from safetensors import SafetensorError

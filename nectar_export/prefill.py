@@ -11,6 +11,11 @@ from tqdm.auto import tqdm
 from nectar_export.attention import ExactContext, cache_keyword
 
 
+def sink_window_index(n: int, sinks: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Positions of the first `sinks` and the last `window` of n context tokens, without overlap."""
+    return torch.cat([torch.arange(min(sinks, n), device=device), torch.arange(max(sinks, n - window), n, device=device)])
+
+
 def per_head(index: torch.Tensor, heads: int) -> torch.Tensor:
     """A token selection as [Hkv, k]: a shared [k] index is repeated for every KV-head."""
     return index.unsqueeze(0).expand(heads, -1) if index.dim() == 1 else index
@@ -50,8 +55,7 @@ class ContextCache:
 
     def exact_index(self, sinks: int, window: int) -> torch.Tensor:
         """Positions of the first `sinks` and the last `window` context tokens, without overlap."""
-        n, device = self.n, self.keys[0].device
-        return torch.cat([torch.arange(min(sinks, n), device=device), torch.arange(max(sinks, n - window), n, device=device)])
+        return sink_window_index(self.n, sinks, window, self.keys[0].device)
 
     def subset(self, index: torch.Tensor | Sequence[torch.Tensor]) -> list[ExactContext]:
         """Per-layer exact attention over the context tokens at the given positions: one index for every layer
@@ -59,9 +63,6 @@ class ContextCache:
         per_layer = index if isinstance(index, (list, tuple)) else [index] * len(self.keys)
         return [ExactContext(take(k, i), take(v, i)) for k, v, i in zip(self.keys, self.values, per_layer)]
 
-    def sink_window(self, sinks: int, window: int) -> list[ExactContext]:
-        """Per-layer exact attention over the first `sinks` and the last `window` tokens."""
-        return self.subset(self.exact_index(sinks, window))
 
 
 @torch.inference_mode()

@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from nectar_export.attention import exact_partial
-from nectar_export.prefill import ContextCache
+from nectar_export.prefill import ContextCache, sink_window_index
 from nectar_export.queries import Queries, collect
 from nectar_export.samples import Sample
 
@@ -81,8 +81,7 @@ def exact_sets(cache_n: int, sinks: int, window: int, salient: int, mass: Sequen
     """Per layer, the context tokens that stay exact KV: the first `sinks` and the last `window` ([E], shared
     by the heads) and, with `salient` > 0, each KV-head's `salient` other tokens of highest attention mass
     ([Hkv, E + salient], position order). The rest of the context is what the networks model."""
-    base = torch.cat([torch.arange(min(sinks, cache_n)), torch.arange(max(sinks, cache_n - window), cache_n)])
-    base = base.to(device)
+    base = sink_window_index(cache_n, sinks, window, device)
     if salient <= 0:
         return [base] * layers
     if mass is None:

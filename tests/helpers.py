@@ -213,6 +213,20 @@ class Paths:
     symlink: str
 
 
+def hostile_copy(folder: Path, root: Path, bait: str) -> tuple[Path, Path, Paths]:
+    """A copy of folder at root/case/NAME, a file outside it holding the copy's `bait` file's bytes (so an entry
+    renamed to reach it still has the right size and sha256), a symbolic link to that file inside the copy, and
+    the three ways out of the copy that lead to it."""
+    import shutil
+
+    copy = Path(shutil.copytree(folder, root / "case" / folder.name))
+    suffix = Path(bait).suffix
+    secret = root / f"secret{suffix}"
+    shutil.copyfile(copy / bait, secret)
+    (copy / f"link{suffix}").symlink_to(secret)
+    return copy, secret, Paths(absolute=str(secret), parent=f"../../secret{suffix}", symlink=f"link{suffix}")
+
+
 def json_paths(data: Any, path: tuple = ()) -> Iterator[tuple]:
     """The path (keys and indices) of every node under the root. A list's first element stands for all of them
     (they share a schema), and so does the first entry of a map (eight or more entries, all values of one type)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from click.testing import CliRunner
 from nectar_export.artifact import ArtifactManifest, load_artifact, read_manifest
 from nectar_export.cli import main
 from nectar_runtime.errors import NectarError
-from tests.helpers import Paths, Raw, dump, mutations
+from tests.helpers import Raw, dump, hostile_copy, mutations
 from tests.runtime.test_fuzz_bundle import CASE_SECONDS, MEMORY_MB, Outcome, Watch, summary
 
 
@@ -57,12 +56,7 @@ def read_next(artifact: Path, fingerprint: str, seen: set[str]) -> str | None:
 
 @pytest.fixture
 def fuzz_artifact(tmp_path, artifact):
-    art = Path(shutil.copytree(artifact, tmp_path / "case" / "art"))
-    secret = tmp_path / "secret.safetensors"
-    shutil.copyfile(art / "nectar.safetensors", secret)       # what a weights path leading out would find
-    (art / "link.safetensors").symlink_to(secret)
-    paths = Paths(absolute=str(secret), parent="../../secret.safetensors", symlink="link.safetensors")
-    return art, secret, paths
+    return hostile_copy(artifact, tmp_path, "nectar.safetensors")    # what a weights path leading out would find
 
 
 def test_every_mutation_of_nectar_json_is_one_error_line(fuzz_artifact, tmp_path):

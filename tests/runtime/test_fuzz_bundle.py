@@ -34,7 +34,7 @@ from click.testing import CliRunner
 from nectar_export.cli import main
 from nectar_runtime.bundle import BundleManifest, load_bundle
 from nectar_runtime.errors import NectarError
-from tests.helpers import TIMING, Paths, Raw, dump, mutations
+from tests.helpers import TIMING, Raw, dump, hostile_copy, mutations
 
 CASE_SECONDS = 5.0
 MEMORY_MB = 1024
@@ -161,12 +161,7 @@ class Watch:
 def fuzz_bundle(tmp_path, nectar_bundle):
     """A copy of the Nectar bundle, a file outside it holding tokenizer.json's bytes (so a files entry renamed to
     reach it still has the right size and sha256) and a symbolic link in the bundle to that file."""
-    bundle = Path(shutil.copytree(nectar_bundle, tmp_path / "case" / "bundle"))
-    secret = tmp_path / "secret.json"
-    shutil.copyfile(bundle / "tokenizer.json", secret)
-    (bundle / "link.json").symlink_to(secret)
-    paths = Paths(absolute=str(secret), parent="../../secret.json", symlink="link.json")
-    return bundle, secret, paths
+    return hostile_copy(nectar_bundle, tmp_path, "tokenizer.json")
 
 
 def test_every_mutation_of_bundle_json_is_an_answer_or_one_error_line(fuzz_bundle, tmp_path):
