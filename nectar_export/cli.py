@@ -171,14 +171,16 @@ def pack(artifact: str, base: str, output: str, no_hash_check: bool, **options: 
               help="Where the graph runs; the logits and the present KV are compared on every backend.")
 @click.option("--model", default=None, help="Model to load instead of the one recorded in the bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--pack", default=None, type=click.Path(), help="For a base bundle: the pack to verify on it.")
 @NO_HASH_CHECK
 @friendly_errors
 def verify(bundle: str, prompts: int, steps: int, backend: str, model: str | None, as_json: bool,
-           no_hash_check: bool) -> None:
+           no_hash_check: bool, pack: str | None) -> None:
     """Run a bundle in ONNX Runtime beside the torch model and report the logit gaps."""
     from nectar_export.verify import run_verify
 
-    report = run_verify(Path(bundle), prompts, steps, backend, model, check_hashes=not no_hash_check)
+    report = run_verify(Path(bundle), prompts, steps, backend, model, check_hashes=not no_hash_check,
+                        pack=Path(pack) if pack else None)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -128,14 +128,8 @@ def bundles(tmp_path_factory, artifact) -> dict[str, Path]:
     attention), and both with the static KV layout ("nectar_static", "full_static")."""
     root = tmp_path_factory.mktemp("bundles")
     outs = {kind: root / kind for kind in ("nectar", "full", "nectar_static", "full_static")}
-    procs = {kind: subprocess.Popen([sys.executable, "-m", "nectar_export.cli", "export", str(artifact), "-o",
-                                     str(out), *(["--baseline"] if kind.startswith("full") else []),
-                                     *(["--cache", "static"] if kind.endswith("static") else [])],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for kind, out in outs.items()}
-    for kind, proc in procs.items():
-        _, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, f"export {kind} failed: {err[-2000:]}"
+    _run_all({kind: ["export", str(artifact), "-o", str(out), *(["--baseline"] if kind.startswith("full") else []),
+                     *(["--cache", "static"] if kind.endswith("static") else [])] for kind, out in outs.items()})
     return outs
 
 

@@ -91,6 +91,7 @@ class OrtCpuBackend(Backend):
         self.past: list[np.ndarray] = []          # [B, Hkv, past_tokens, D] per past input
         self.buffers: list[np.ndarray] = []       # static layout: [B, Hkv, capacity, D] per past input
         self.heads: dict[str, np.ndarray] = {}    # a base bundle's head inputs, from its pack
+        self._documents: dict[Any, tuple[Any, dict[str, np.ndarray]]] = {}    # pack path -> (context, heads)
 
     def _activate_impl(self) -> None:
         try:
@@ -110,12 +111,21 @@ class OrtCpuBackend(Backend):
         self._load_document()
 
     def _load_document(self) -> None:
-        """What the bundle's document puts in every sequence: the cached tokens' KV and, for a base, the heads."""
-        self.context = load_context_kv(self.bundle, self.kv_dtype) if self.bundle.cached_tokens else None
-        self.heads = load_heads(self.bundle)
+        """What the bundle's document puts in every sequence: the cached tokens' KV and, for a base, the heads.
+        Each pack's stay in memory once read, so switching back to a pack is a change of references."""
+        key = self.bundle.pack.path if self.bundle.pack is not None else None
+        if key not in self._documents:
+            context = load_context_kv(self.bundle, self.kv_dtype) if self.bundle.cached_tokens else None
+            self._documents[key] = (context, load_heads(self.bundle))
+        self.context, self.heads = self._documents[key]
 
     def _switch_impl(self) -> None:
         self._load_document()
+
+    def resident_bytes(self) -> int:
+        """Host bytes of the documents held: every loaded pack's heads and cached tokens' KV."""
+        arrays = [a for context, heads in self._documents.values() for a in [*(context or []), *heads.values()]]
+        return sum(a.nbytes for a in arrays)
 
     def end_profiling(self) -> str:
         """Close ORT's trace (profile=PREFIX was given) and return its file's path."""
@@ -123,6 +133,7 @@ class OrtCpuBackend(Backend):
 
     def _release_impl(self) -> None:
         self.session, self.past, self.buffers, self.context, self.heads = None, [], [], None, {}
+        self._documents = {}
 
     def _reset_impl(self, batch: int) -> None:
         m = self.manifest

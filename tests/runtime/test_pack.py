@@ -139,3 +139,13 @@ def test_wrong_uses_get_one_clear_error(packs, nectar_bundle, tmp_path):
     result = run_cli("run", str(packs["base"]), "--pack", str(packs["whole"]), "--prompt", QUESTIONS[0],
                      "--max-new-tokens", "4")
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_verify_runs_a_pack_on_its_base_against_torch(packs):
+    result = run_cli("verify", str(packs["base"]), "--pack", str(packs["whole"]), "--prompts", "3", "--steps", "4",
+                     "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["kind"] == "base" and report["top1_match"] == 1.0 and report["max_abs_logit_diff"] < 1e-3
+    result = run_cli("build", str(packs["base"]))
+    assert result.returncode == 2 and "single-file bundles only" in result.stderr
