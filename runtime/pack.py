@@ -146,6 +146,12 @@ class Pack:
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def key(self) -> tuple[str, str]:
+        """What a backend keeps a loaded pack's state under: its folder and its whole manifest (a pack re-made or
+        edited in place is another pack)."""
+        return str(self.path), hashlib.sha256(json.dumps(self.manifest.to_json(), sort_keys=True).encode()).hexdigest()
+
 
 def load_pack(path: str | Path, check_hashes: bool = True) -> Pack:
     """Read pack.json and check its file: inside the folder, its size, and its sha256 unless `check_hashes` is False."""

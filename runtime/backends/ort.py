@@ -91,7 +91,7 @@ class OrtCpuBackend(Backend):
         self.past: list[np.ndarray] = []          # [B, Hkv, past_tokens, D] per past input
         self.buffers: list[np.ndarray] = []       # static layout: [B, Hkv, capacity, D] per past input
         self.heads: dict[str, np.ndarray] = {}    # a base bundle's head inputs, from its pack
-        self._documents: dict[Any, tuple[Any, dict[str, np.ndarray]]] = {}    # pack path -> (context, heads)
+        self._documents: dict[Any, tuple[Any, dict[str, np.ndarray]]] = {}    # pack key -> (context, heads)
 
     def _activate_impl(self) -> None:
         try:
@@ -113,7 +113,7 @@ class OrtCpuBackend(Backend):
     def _load_document(self) -> None:
         """What the bundle's document puts in every sequence: the cached tokens' KV and, for a base, the heads.
         Each pack's stay in memory once read, so switching back to a pack is a change of references."""
-        key = self.bundle.pack.path if self.bundle.pack is not None else None
+        key = self.bundle.pack.key if self.bundle.pack is not None else None
         if key not in self._documents:
             context = load_context_kv(self.bundle, self.kv_dtype) if self.bundle.cached_tokens else None
             self._documents[key] = (context, load_heads(self.bundle))

@@ -92,8 +92,8 @@ class OrtCudaBackend(Backend):
         self._on_context = False                   # the next step reads the past from the context values
         self._heads: dict[str, Any] = {}           # a base bundle's head inputs: name -> device OrtValue
         self._graph_id = "1"                       # the CUDA graph of this pack's one-token step
-        self._states: dict[Any, dict[str, Any]] = {}   # pack path -> its saved state (see _switch_impl)
-        self._key = bundle.pack.path if bundle.pack is not None else None      # the running pack's
+        self._states: dict[Any, dict[str, Any]] = {}   # pack key -> its saved state (see _switch_impl)
+        self._key = bundle.pack.key if bundle.pack is not None else None      # the running pack's
 
     # -- resources -------------------------------------------------------------------------------
 
@@ -133,7 +133,7 @@ class OrtCudaBackend(Backend):
         """Save the running pack's state, then select the new pack's (made on first use: heads uploaded, buffers
         allocated at the next reset, a CUDA graph id of its own)."""
         self._states[self._key] = {name: getattr(self, name) for name in self.STATE}
-        self._key = self.bundle.pack.path
+        self._key = self.bundle.pack.key
         saved = self._states.get(self._key)
         if saved is not None:
             for name, value in saved.items():

@@ -65,8 +65,8 @@ def test_the_cuda_backend_binds_the_heads_and_keeps_each_packs_state(packs, base
         for bundle in (manual, whole, manual, whole):
             if bound.bundle is not bundle:
                 bound.switch(bundle)
-            ids.setdefault(bundle.pack.path, bound._graph_id)
-            assert bound._graph_id == ids[bundle.pack.path]
+            ids.setdefault(bundle.pack.key, bound._graph_id)
+            assert bound._graph_id == ids[bundle.pack.key]
             with OrtCpuBackend(bundle) as plain:
                 plain.reset(1)
                 bound.reset(1)
