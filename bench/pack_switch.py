@@ -9,7 +9,10 @@ Measured, in one process on one backend:
   base alone with its first pack, then after 4 and 16 packs loaded (or as many as there are);
 - the first switch to each pack (it reads the pack file and, on ort-cuda, uploads it) and, once all are loaded,
   `--rounds` switches among them in a fixed round-robin order (medians and the largest);
-- one greedy answer per original pack after a switch, which must equal the answer given right after loading.
+- one greedy answer per original pack after a switch, which must equal the answer given right after loading;
+- with `--compare BUNDLE` (the first pack's document as a single-file bundle), the median ms per decode step of
+  that bundle and of the base with the first pack, in alternating rounds of forced steps: what taking the heads
+  as graph inputs instead of initializers costs.
 
     python bench/pack_switch.py --base runs/base --pack manual=runs/pack-manual --pack whole=runs/pack-whole \
         --copies 8 --out docs/results/pack-switch-cpu
@@ -67,6 +70,28 @@ def answer(generator: Any) -> list[int]:
     return generator.generate(QUESTION, Sampling(max_new_tokens=16)).token_ids
 
 
+def step_ms(generator: Any, tokens: int) -> float:
+    """Median ms of `tokens` forced one-token steps after the question's prefill."""
+    from nectar_runtime.generator import forced_decode
+
+    prompt = generator.prompt_ids(QUESTION)
+    return statistics.median(forced_decode(generator.backend, prompt, [prompt[-1]] * tokens).token_ms)
+
+
+def compare(args: argparse.Namespace, first: Path, rounds: int = 5, tokens: int = 32) -> dict[str, float]:
+    """Median ms/step of the single-file bundle and of the base with the first pack, rounds alternating."""
+    from nectar_runtime.generator import Generator
+
+    check = not args.no_hash_check
+    with Generator(args.compare, args.backend, check_hashes=check) as single, \
+            Generator(args.base, args.backend, check_hashes=check, pack=first) as packed:
+        times: dict[str, list[float]] = {"bundle": [], "base_and_pack": []}
+        for _ in range(rounds):
+            times["bundle"].append(step_ms(single, tokens))
+            times["base_and_pack"].append(step_ms(packed, tokens))
+    return {k: round(statistics.median(v), 4) for k, v in times.items()}
+
+
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Load, switch and answer as the module docstring says; returns the report."""
     from nectar_runtime.generator import Generator
@@ -104,7 +129,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "first_switch_ms": {"median": statistics.median(cold) if cold else None, "max": max(cold, default=None)},
             "switch_ms": {"median": round(statistics.median(warm), 4), "p95": round(sorted(warm)[int(0.95 * (len(warm) - 1))], 4),
                           "max": round(max(warm), 4)},
-            "answers_unchanged_after_switches": agree}
+            "answers_unchanged_after_switches": agree,
+            "ms_per_step": compare(args, order[0][1]) if args.compare else None}
 
 
 def plot(report: dict[str, Any], png: Path) -> None:
@@ -142,6 +168,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=200, help="Switches timed once every pack is loaded.")
     p.add_argument("--backend", default="ort-cpu")
     p.add_argument("--no-hash-check", action="store_true")
+    p.add_argument("--compare", type=Path, default=None,
+                   help="The first pack's document as a single-file bundle: ms/step of both.")
     p.add_argument("--out", type=Path, required=True)
     return p
 
@@ -160,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "pack_switch.json").write_text(json.dumps(report, indent=2))
     plot(report, args.out / "pack_switch.png")
     print(json.dumps({k: report[k] for k in ("memory", "first_switch_ms", "switch_ms",
-                                             "answers_unchanged_after_switches")}, indent=2))
+                                             "answers_unchanged_after_switches", "ms_per_step")}, indent=2))
     return 0 if all(report["answers_unchanged_after_switches"].values()) else 1
 
 
