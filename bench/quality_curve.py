@@ -148,6 +148,21 @@ def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "rows": [rows[k] for k in order]}
 
 
+def series(rows: Sequence[dict[str, Any]], key: str) -> dict[str, list[tuple[float, float]]]:
+    """The plotted lines of one metric, as (budget, value) points: one per nectar salient share, and one per other
+    method, which at each budget takes the row of the smallest share measured there (a baseline does not depend
+    on the share, only its size follows Nectar's parameter count a little)."""
+    lines: dict[str, dict[float, tuple[float, float]]] = {}
+    for r in rows:
+        if r["method"] == "full" or r.get(key) is None:
+            continue
+        label = f"nectar (salient {r['salient']:g})" if r["method"] == "nectar" else r["method"]
+        line = lines.setdefault(label, {})
+        if r["budget"] not in line or r["salient"] < line[r["budget"]][0]:
+            line[r["budget"]] = (r["salient"], r[key])
+    return {label: sorted((b, v) for b, (_, v) in line.items()) for label, line in sorted(lines.items())}
+
+
 def plot(result: dict[str, Any], png: Path) -> None:
     import matplotlib
 
@@ -156,16 +171,9 @@ def plot(result: dict[str, Any], png: Path) -> None:
 
     rows = result["rows"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    series = sorted({(r["method"], r["salient"]) for r in rows if r["method"] != "full"})
     for ax, (key, title) in zip(axes.flat, PANELS):
-        for method, share in series:
-            if method != "nectar" and share != min(s for m, s in series if m == method):
-                continue                      # baselines do not depend on the salient share: one line each
-            points = sorted((r["budget"], r[key]) for r in rows
-                            if r["method"] == method and r["salient"] == share and r.get(key) is not None)
-            if points:
-                label = f"nectar (salient {share:g})" if method == "nectar" else method
-                ax.plot(*zip(*points), marker="o", label=label)
+        for label, points in series(rows, key).items():
+            ax.plot(*zip(*points), marker="o", label=label)
         full = [r["qa_accuracy"] for r in rows if r["method"] == "full" and r.get("qa_accuracy") is not None]
         if key == "qa_accuracy" and full:
             ax.axhline(full[0], color="black", linestyle="--", label="full attention")

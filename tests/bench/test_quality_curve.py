@@ -46,6 +46,9 @@ def test_merge_joins_runs_in_budget_order_and_plots(tmp_path):
     assert [r["method"] for r in merged["rows"][:2]] == ["nectar", "snapkv"]
     assert [c["model"] for c in merged["config"]["merged"]] == ["/tmp/old.gguf", "/tmp/new.gguf"]
     assert (tmp_path / "merged/quality_curve.png").stat().st_size > 10_000
+    lines = quality_curve.series(merged["rows"], "top1")     # a baseline's line spans every budget it was measured at
+    assert [b for b, _ in lines["snapkv"]] == [0.03125, 0.125, 0.25]
+    assert [b for b, _ in lines["nectar (salient 0.5)"]] == [0.125, 0.25]
 
 
 def test_merge_refuses_another_document_and_a_point_measured_twice(tmp_path, capsys):
