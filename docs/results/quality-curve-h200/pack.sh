@@ -1,8 +1,9 @@
-# copy the curve branch's code into DEST/.gpu/code (the device runs it from there, not from the checkout it is sent)
+# copy a checkout's code into DEST/.gpu/code, with the two device scripts beside it (the device runs that copy,
+# not the checkout it is sent; .gpu/ must be git-ignored and named in `carry`)
+# usage: bash docs/results/quality-curve-h200/pack.sh DEST   (from the checkout whose code should run)
 set -eu
-dest=$1
-rm -rf $dest/.gpu/code && mkdir -p $dest/.gpu/code
-cd /work/wt-curve
-git ls-files -z nectar_export graphs runtime bench | grep -zv '^bench/results/' | tar --null -T - -cf - | tar -xf - -C $dest/.gpu/code
-cp /work/curve-scratch/run.sh /work/curve-scratch/stage1.sh $dest/.gpu/code/
-du -sh $dest/.gpu/code
+dest=$1 here=$(cd "$(dirname "$0")" && pwd)
+rm -rf "$dest/.gpu/code" && mkdir -p "$dest/.gpu/code"
+git ls-files -z nectar_export graphs runtime bench | grep -zv '^bench/results/' | tar --null -T - -cf - | tar -xf - -C "$dest/.gpu/code"
+cp "$here/run.sh" "$here/stage1.sh" "$dest/.gpu/code/"
+du -sh "$dest/.gpu/code"
