@@ -174,7 +174,7 @@ def _tensor_specs(reader: Fields, key: str) -> tuple[TensorSpec, ...]:
 def _files(reader: Fields) -> dict[str, FileEntry]:
     files = {}
     for name, entry in reader.get("files", dict, expected="an object of file entries").items():
-        item = _fields(entry, f"{reader.where} files[{name!r}]")
+        item = Fields(entry, f"{reader.where} files[{name!r}]", reader.error, reader.fix)
         files[name] = FileEntry(item.count("bytes", 0, 1 << 50), item.get("sha256", str))
     return files
 
@@ -399,18 +399,25 @@ def read_manifest(path: str | Path) -> BundleManifest:
     return BundleManifest.from_json(read_json(file, BundleError, "re-export the bundle"), str(file))
 
 
-def _check_files(path: Path, manifest: BundleManifest, check_hashes: bool) -> None:
-    """Every listed file present with its size (and sha256), and the files a bundle of this kind needs listed."""
-    for name, entry in manifest.files.items():
-        target = inside(path, name)
+def check_listed_files(path: Path, files: dict[str, FileEntry], check_hashes: bool, kind: str = "bundle",
+                       manifest: str = MANIFEST, fix: str = "re-export the bundle") -> None:
+    """Every file a manifest lists (a bundle's or a pack's) inside the folder, present, of its size and, with
+    `check_hashes`, of its sha256; BundleError naming the file otherwise."""
+    for name, entry in files.items():
+        target = path_inside(path, name, BundleError, kind)
         if not target.is_file():
-            raise BundleError(f"bundle file {target} is missing; re-export the bundle")
+            raise BundleError(f"{kind} file {target} is missing; {fix}")
         size = target.stat().st_size
         if size != entry.bytes:
-            raise BundleError(f"bundle file {target} has {size} bytes, bundle.json says {entry.bytes}: "
-                              "it is damaged or was replaced; re-export the bundle")
+            raise BundleError(f"{kind} file {target} has {size} bytes, {manifest} says {entry.bytes}: "
+                              f"it is damaged or was replaced; {fix}")
         if check_hashes and sha256_file(target) != entry.sha256:
-            raise BundleError(f"bundle file {target} does not match its sha256 in bundle.json; re-export the bundle")
+            raise BundleError(f"{kind} file {target} does not match its sha256 in {manifest}; {fix}")
+
+
+def _check_files(path: Path, manifest: BundleManifest, check_hashes: bool) -> None:
+    """Every listed file present with its size (and sha256), and the files a bundle of this kind needs listed."""
+    check_listed_files(path, manifest.files, check_hashes)
     for needed in (ONNX_FILE, TOKENIZER_FILE) + ((CONTEXT_FILE,) if manifest.cached_tokens else ()):
         if needed not in manifest.files:
             raise BundleError(f"{path / MANIFEST} does not list {needed}; re-export the bundle")

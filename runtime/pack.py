@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from nectar_runtime.bundle import (HEAD_PREFIX, HEAD_TEMPLATES, MAX_TOKENS, WIDTH_AXIS, Bundle, BundleManifest,
-                                   FileEntry, Source, _source, inside, past_names, sha256_file, template_problem)
+                                   FileEntry, Source, _files, _source, check_listed_files, inside, past_names,
+                                   template_problem)
 from nectar_runtime.errors import BundleError
 from nectar_runtime.fields import read_json, write_json
 
@@ -107,10 +108,7 @@ class PackManifest:
         widths = r.get("widths", list, expected="a list of head widths")
         if not widths or not all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= MAX_WIDTH for w in widths):
             raise r.fail("widths", f"a list of head widths in [1, {MAX_WIDTH}]")
-        files = {}
-        for name, entry in r.get("files", dict, expected="an object of file entries").items():
-            item = _pack_fields(entry, f"{where} files[{name!r:.60}]")
-            files[name] = FileEntry(item.count("bytes", 0, 1 << 50), item.get("sha256", str))
+        files = _files(r)
         if PACK_FILE not in files:
             raise r.fail("files", f"an entry for {PACK_FILE}")
         return cls(layout=Layout(layout.get("fingerprint", str), layout.get("model_fingerprint", str),
@@ -161,13 +159,7 @@ def load_pack(path: str | Path, check_hashes: bool = True) -> Pack:
         raise BundleError(f"{path} is not a pack (no {PACK_MANIFEST}); create one with `nectar-export pack`")
     file = inside(path, PACK_MANIFEST)
     manifest = PackManifest.from_json(read_json(file, BundleError, "re-make the pack"), str(file))
-    for name, entry in manifest.files.items():
-        target = inside(path, name)
-        if not target.is_file():
-            raise BundleError(f"pack file {target} is missing; re-make the pack")
-        if target.stat().st_size != entry.bytes or (check_hashes and sha256_file(target) != entry.sha256):
-            raise BundleError(f"pack file {target} does not match its size or sha256 in pack.json: it is damaged "
-                              "or was replaced; re-make the pack")
+    check_listed_files(path, manifest.files, check_hashes, "pack", PACK_MANIFEST, "re-make the pack")
     return Pack(path=path, manifest=manifest)
 
 

@@ -193,6 +193,23 @@ class HostBoundBackend(OrtCudaBackend):
         return ort, ort.InferenceSession(str(self.bundle.onnx_path), providers=["CPUExecutionProvider"])
 
 
+
+# a prompt of token ids for a backend's step
+STEP_PROMPT = np.array([[1, 17, 300, 4000, 9]], dtype=np.int64)
+
+
+def same_greedy_sequences(plain: Any, bound: Any) -> None:
+    """Two greedy sequences of 6 steps (the second reuses the buffers): identical logits at every step."""
+    for _ in range(2):
+        plain.reset(1)
+        bound.reset(1)
+        tokens = STEP_PROMPT
+        for _ in range(6):
+            want, got = plain.step(tokens), bound.step(tokens)
+            np.testing.assert_array_equal(got, want)
+            tokens = want.argmax(-1)[:, None]
+
+
 # --- mutations of a real JSON manifest (the fuzz tests: tests/runtime/test_fuzz_bundle.py and
 # tests/nectar_export/test_fuzz_artifact.py) ---
 

@@ -17,7 +17,7 @@ from nectar_runtime.bundle import load_bundle, read_manifest
 from nectar_runtime.errors import BackendError, BundleError
 from nectar_runtime.generator import Generator
 from nectar_runtime.sampling import Sampling
-from tests.helpers import HostBoundBackend
+from tests.helpers import STEP_PROMPT, HostBoundBackend, same_greedy_sequences
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:
@@ -87,26 +87,11 @@ def test_unknown_backend(nectar_bundle):
         make_backend(load_bundle(nectar_bundle), "ort-rocm")
 
 
-PROMPT = np.array([[1, 17, 300, 4000, 9]], dtype=np.int64)
-
-
-def _same_greedy_sequences(plain: OrtCpuBackend, bound: HostBoundBackend) -> None:
-    """Two greedy sequences of 6 steps (the second reuses the buffers): identical logits at every step."""
-    for _ in range(2):
-        plain.reset(1)
-        bound.reset(1)
-        tokens = PROMPT
-        for _ in range(6):
-            want, got = plain.step(tokens), bound.step(tokens)
-            np.testing.assert_array_equal(got, want)
-            tokens = want.argmax(-1)[:, None]
-
-
 @pytest.mark.parametrize("kind", ["nectar", "full"])
 def test_iobinding_ping_pong_equals_the_cpu_backend(bundles, kind):
     bundle = load_bundle(bundles[kind])
     with OrtCpuBackend(bundle) as plain, HostBoundBackend(bundle) as bound:
-        _same_greedy_sequences(plain, bound)
+        same_greedy_sequences(plain, bound)
         # the present of the last step, read back from the device buffer that holds it (what verify compares)
         kv = bound.present_kv()
         assert kv[0].shape[2] == bound.past_tokens == plain.past_tokens == bundle.cached_tokens + 5 + 5
@@ -121,7 +106,7 @@ def test_static_layout_equals_the_dynamic_one(bundles, kind):
     with OrtCpuBackend(dynamic) as grow, OrtCpuBackend(static) as fixed:
         grow.reset(1)
         fixed.reset(1)
-        tokens = PROMPT
+        tokens = STEP_PROMPT
         for _ in range(8):
             want, got = grow.step(tokens), fixed.step(tokens)
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
@@ -137,7 +122,7 @@ def test_in_place_static_buffers_equal_the_cpu_backend(bundles, kind):
     bundle = load_bundle(bundles[kind])
     with OrtCpuBackend(bundle) as plain, HostBoundBackend(bundle) as bound:
         assert bound.cuda_graph
-        _same_greedy_sequences(plain, bound)
+        same_greedy_sequences(plain, bound)
         for got, want in zip(bound.present_kv(), plain.present_kv()):   # the filled slots of each buffer
             np.testing.assert_array_equal(got, want)
 
@@ -156,7 +141,7 @@ def test_the_base_class_checks_every_call_the_same_way(nectar_bundle):
         with pytest.raises(BackendError, match=f"0 \\+ {backend.window + 1} new tokens exceed this bundle's "
                                                f"new-token window of {backend.window}"):
             backend.step(np.zeros((1, backend.window + 1), np.int64))
-        backend.step(PROMPT)
+        backend.step(STEP_PROMPT)
         assert backend.new_tokens == 5 and backend.position == backend.manifest.first_position + 5
         assert backend.last_step.ms > 0
     with pytest.raises(BackendError, match="not active"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 from nectar_runtime.backends.ort import OrtCpuBackend
@@ -15,7 +14,7 @@ from nectar_runtime.errors import BackendError, BundleError, GenerationError
 from nectar_runtime.generator import Generator
 from nectar_runtime.pack import PACK_FILE, PACK_MANIFEST, load_pack, resolve
 from nectar_runtime.sampling import Sampling
-from tests.helpers import HostBoundBackend, run_cli
+from tests.helpers import HostBoundBackend, run_cli, same_greedy_sequences
 
 QUESTIONS = ("What does the assert statement do?", "How is an augmented assignment evaluated?")
 GREEDY = Sampling(max_new_tokens=12)
@@ -59,7 +58,6 @@ def test_the_cuda_backend_binds_the_heads_and_keeps_each_packs_state(packs, base
     CUDA graphs, each pack's own graph id), logits equal to the CPU backend's at every step."""
     root = load_bundle(packs[base])
     manual, whole = (resolve(root, load_pack(packs[name])) for name in ("manual", "whole"))
-    prompt = np.array([[1, 17, 300, 4000, 9]], dtype=np.int64)
     with HostBoundBackend(manual) as bound:
         ids = {}
         for bundle in (manual, whole, manual, whole):
@@ -68,13 +66,7 @@ def test_the_cuda_backend_binds_the_heads_and_keeps_each_packs_state(packs, base
             ids.setdefault(bundle.pack.key, bound._graph_id)
             assert bound._graph_id == ids[bundle.pack.key]
             with OrtCpuBackend(bundle) as plain:
-                plain.reset(1)
-                bound.reset(1)
-                tokens = prompt
-                for _ in range(5):
-                    want, got = plain.step(tokens), bound.step(tokens)
-                    np.testing.assert_array_equal(got, want)
-                    tokens = want.argmax(-1)[:, None]
+                same_greedy_sequences(plain, bound)
         assert len(set(ids.values())) == 2
 
 
