@@ -8,6 +8,7 @@ tests/conftest.py.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import subprocess
@@ -336,12 +337,15 @@ class Served:
 
 
 @contextmanager
-def serving(*flags: str, log: Path, ready_s: float = 60, python: tuple[str, ...] = ()) -> Iterator[Served]:
+def serving(*flags: str, log: Path, ready_s: float = 60, python: tuple[str, ...] = (),
+            env: dict[str, str] | None = None) -> Iterator[Served]:
     """The server started with `flags`, once it printed its ready line (bounded by `ready_s`); SIGTERM, then
-    SIGKILL after 15 s, when the block ends whatever happened. `python` holds interpreter flags (-X importtime)."""
+    SIGKILL after 15 s, when the block ends whatever happened. `python` holds interpreter flags (-X importtime),
+    `env` variables added to this process's."""
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, *python, "-m", "nectar_runtime.serve", *flags],
-                                stdout=subprocess.PIPE, stderr=err, text=True)
+                                stdout=subprocess.PIPE, stderr=err, text=True,
+                                env=None if env is None else {**os.environ, **env})
     try:
         yield Served(proc, _ready_url(proc, ready_s, log), log)
     finally:
