@@ -129,13 +129,13 @@ def _error_handlers(app: FastAPI) -> None:
 def _routes(app: FastAPI, state: ServeState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        model = ""
+        request.state.model = ""                    # set once the model id is known to exist
         try:
-            model, response = await _chat(state, request)
+            response = await _chat(state, request)
         except ApiError as exc:
-            state.metrics.inc("nectar_requests_total", model=model, status=str(exc.status))
+            state.metrics.inc("nectar_requests_total", model=request.state.model, status=str(exc.status))
             raise
-        state.metrics.inc("nectar_requests_total", model=model, status=str(response.status_code))
+        state.metrics.inc("nectar_requests_total", model=request.state.model, status=str(response.status_code))
         return response
 
     @app.get("/v1/models")
@@ -188,7 +188,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-async def _chat(state: ServeState, request: Request) -> tuple[str, Response]:
+async def _chat(state: ServeState, request: Request) -> Response:
     """Admit the request to its worker, wait for it to start, then answer it whole or as a stream."""
     if state.phase != "ready":
         raise ApiError(503, f"the server is {state.phase}; retry shortly", code=state.phase,
@@ -196,6 +196,7 @@ async def _chat(state: ServeState, request: Request) -> tuple[str, Response]:
     body = protocol.parse_request(await read_body(request, state.config.max_body_bytes))
     protocol.unsupported(body)
     entry = _entry(state, body.model)
+    request.state.model = entry.name
     job, channel = _admit(state, entry, body)
     watcher = asyncio.create_task(_watch_disconnect(request, job))
     try:
@@ -209,9 +210,8 @@ async def _chat(state: ServeState, request: Request) -> tuple[str, Response]:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _stream(job, channel, cid, entry.name, first, include_usage)
-        return entry.name, StreamingResponse(stream, media_type="text/event-stream",
-                                             headers={"Cache-Control": "no-cache"})
-    return entry.name, await _whole(request, job, channel, cid, entry.name)
+        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await _whole(request, job, channel, cid, entry.name)
 
 
 def _admit(state: ServeState, entry: Entry, body: protocol.ChatRequest) -> tuple[Job, Channel]:
@@ -260,7 +260,7 @@ def _ended_early(job: Job, event: Event | None) -> ApiError:
     if isinstance(event, Failed):
         status = 503 if "stopping" in event.message else 500
         return ApiError(status, event.message, code="stopping" if status == 503 else "generation_failed")
-    return ApiError(503, "the request was cancelled", code="cancelled")
+    return ApiError(499, "the client closed the request", code="cancelled")      # nginx's code: nobody reads it
 
 
 async def _whole(request: Request, job: Job, channel: Channel, cid: str, model: str) -> Response:

@@ -95,7 +95,8 @@ class Job:
         return self.cancel.is_set() or self.timed_out()
 
     def ended(self) -> str:
-        return "timeout" if self.timed_out() and not self.cancel.is_set() else "cancelled"
+        """Why a stopped job stopped: its deadline passed (whoever noticed first), or its client left."""
+        return "timeout" if self.timed_out() else "cancelled"
 
 
 class StopText:

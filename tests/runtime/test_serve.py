@@ -340,6 +340,7 @@ def test_a_full_queue_gets_429_with_retry_after(tight, greedy):
         assert refused.headers["Retry-After"] == "1" and refused.json()["error"]["type"] == "rate_limit_error"
     waiting.join(60)                                                                      # A left: B runs
     assert answers["b"].json()["choices"][0]["message"]["content"] == greedy["nectar", W].text
+    assert sample(metrics(tight.url), "nectar_requests_total", model="nectar", status="429") == 1
 
 
 def test_a_client_that_leaves_stops_its_generation(tight):
