@@ -9,6 +9,7 @@ A pass returns a PassReport (name, changed, counts); a pipeline is an explicit l
   runs in the graph's type: its scores come out of a low-precision MatMul already rounded, and the
   softmax kernels of ONNX Runtime CUDA and TensorRT accumulate in fp32.
 - cleanup: unused nodes and initializers, duplicate initializers, topological order
+- lift_heads: a base bundle's graph: every layer's JointPair weights become graph inputs with a named width axis
 """
 
 from __future__ import annotations
@@ -259,3 +260,39 @@ def _lower_constant(node: ir.Node, low: ir.DataType, counts: Counter[str]) -> No
         return
     node.attributes["value"] = ir.AttrTensor("value", ir.tensor(lower_array(attr.value.numpy(), low.numpy())))
     counts["constants"] += 1
+
+
+# where torch.onnx.export puts a layer's JointPair buffers (graphs.step: layers.{i}.self_attn.context.pair)
+TRACED_HEADS = "layers.{layer}.self_attn.context.pair.{weight}"
+
+
+def lift_heads(model: ir.Model) -> PassReport:
+    """Turn each layer's head weights (w1, b1, w2, w3 of a JointPair) into graph inputs named as
+    nectar_runtime.bundle.HEAD_TEMPLATES, their hidden width an axis `nectar_width.{layer}`: the graph of a base
+    bundle, whose heads a pack supplies. Intermediate shapes are dropped (they hold the traced width); ONNX
+    Runtime infers them again for each pack's widths."""
+    from nectar_runtime.bundle import HEAD_TEMPLATES, WIDTH_AXIS
+
+    graph, layer = model.graph, 0
+    while TRACED_HEADS.format(layer=layer, weight="w1") in graph.initializers:
+        width = ir.SymbolicDim(WIDTH_AXIS.format(layer=layer))
+        for template in HEAD_TEMPLATES:
+            weight = template.rsplit(".", 1)[1]
+            old = TRACED_HEADS.format(layer=layer, weight=weight)
+            if old not in graph.initializers:
+                raise ValueError(f"the traced graph lacks {old}: the pass that merged it broke the head layout")
+            value = graph.initializers.pop(old)
+            dims = list(value.shape)
+            axes = {"w1": (2,), "b1": (2,), "w2": (1, 2), "w3": (1,)}[weight]
+            value.const_value, value.name = None, template.format(layer=layer)
+            value.shape = ir.Shape([width if i in axes else d for i, d in enumerate(dims)])
+            graph.inputs.append(value)
+        layer += 1
+    if not layer:
+        raise ValueError("the graph has no JointPair heads to lift (a full-attention or quadrature graph)")
+    for node in graph:
+        for out in node.outputs:
+            if not out.is_graph_output():
+                out.shape = None
+    return PassReport("lift_heads", True, {"layers": layer, "inputs": 4 * layer})
+

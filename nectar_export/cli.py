@@ -127,6 +127,9 @@ def evaluate(artifact: str, model: str | None, questions: int | None, qa: str | 
 @click.option("--cache", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
               help="KV layout: 'static' keeps fixed KV buffers written in place, so a GPU step can be a CUDA graph.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier bundle at -o (never a folder holding other files).")
+@click.option("--base", is_flag=True,
+              help="Write a base bundle: the graph with the heads as inputs and no document inside; documents "
+                   "then ship as packs (`nectar-export pack ARTIFACT --base BASE`).")
 @friendly_errors
 def export_command(artifact: str, output: str, **options: Any) -> None:
     """Fuse an artifact's heads with the base decoder into an ONNX bundle."""
@@ -140,6 +143,27 @@ def export_command(artifact: str, output: str, **options: Any) -> None:
 
 
 @main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--base", "base", required=True, type=click.Path(), help="The base bundle the pack runs on.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Pack folder to write.")
+@click.option("--variant", default="nectar", show_default=True, help="Which head set of the artifact to pack.")
+@click.option("--model", default=None, help="Model to load instead of the one recorded in the artifact.")
+@click.option("--device", default="cpu", show_default=True, help="Where to prefill the document's exact tokens.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier pack at -o.")
+@NO_HASH_CHECK
+@friendly_errors
+def pack(artifact: str, base: str, output: str, no_hash_check: bool, **options: Any) -> None:
+    """Write an artifact's document as a pack for a base bundle: its heads and exact tokens' KV, no base weights."""
+    from nectar_export.pack import PackConfig, run_pack
+
+    written = run_pack(PackConfig(artifact=Path(artifact), base=Path(base), output=Path(output),
+                                  check_hashes=not no_hash_check, **options))
+    size = sum(entry.bytes for entry in written.files.values())
+    click.echo(f"wrote {output}: pack of {written.n} context tokens ({written.cached_tokens} exact) for "
+               f"{written.layout.describe()}, {size:,} bytes")
+
+
+@main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--prompts", type=int, default=24, show_default=True, help="Held-out questions to run.")
 @click.option("--steps", type=int, default=10, show_default=True, help="Greedy decode steps after each prompt.")
@@ -147,14 +171,16 @@ def export_command(artifact: str, output: str, **options: Any) -> None:
               help="Where the graph runs; the logits and the present KV are compared on every backend.")
 @click.option("--model", default=None, help="Model to load instead of the one recorded in the bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--pack", default=None, type=click.Path(), help="For a base bundle: the pack to verify on it.")
 @NO_HASH_CHECK
 @friendly_errors
 def verify(bundle: str, prompts: int, steps: int, backend: str, model: str | None, as_json: bool,
-           no_hash_check: bool) -> None:
+           no_hash_check: bool, pack: str | None) -> None:
     """Run a bundle in ONNX Runtime beside the torch model and report the logit gaps."""
     from nectar_export.verify import run_verify
 
-    report = run_verify(Path(bundle), prompts, steps, backend, model, check_hashes=not no_hash_check)
+    report = run_verify(Path(bundle), prompts, steps, backend, model, check_hashes=not no_hash_check,
+                        pack=Path(pack) if pack else None)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -189,6 +215,8 @@ def decoding_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest (0: off)."),
         click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass (1: off)."),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--pack", default=None, type=click.Path(),
+                     help="For a base bundle: the pack of the document to answer about."),
         NO_HASH_CHECK,
     ]
     for option in reversed(options):
@@ -212,12 +240,13 @@ def _echo_text(text: str) -> None:
 @click.option("--stream", is_flag=True, help="Print the answer as it is produced.")
 @decoding_options
 @friendly_errors
-def run(bundle: str, prompt: str, stream: bool, backend: str, no_hash_check: bool, **options: Any) -> None:
+def run(bundle: str, prompt: str, stream: bool, backend: str, no_hash_check: bool, pack: str | None,
+        **options: Any) -> None:
     """Answer one question with a bundle (torch-free runtime); the last line gives the measured latency."""
     from nectar_runtime.generator import Generator
 
     sampling = _sampling(options)
-    with Generator(bundle, backend, check_hashes=not no_hash_check) as generator:
+    with Generator(bundle, backend, check_hashes=not no_hash_check, pack=pack) as generator:
         result = generator.generate(prompt, sampling, on_text=_echo_text if stream else None)
     click.echo("" if stream else result.text)
     click.echo(result.timing_line(backend))
@@ -227,14 +256,14 @@ def run(bundle: str, prompt: str, stream: bool, backend: str, no_hash_check: boo
 @click.argument("bundle", type=click.Path())
 @decoding_options
 @friendly_errors
-def chat(bundle: str, backend: str, no_hash_check: bool, **options: Any) -> None:
+def chat(bundle: str, backend: str, no_hash_check: bool, pack: str | None, **options: Any) -> None:
     """Ask questions about the bundle's document, one per line (each a fresh question); an empty line or EOF ends."""
     from nectar_runtime.errors import GenerationError
     from nectar_runtime.generator import Generator
 
     sampling = _sampling(options)
     interactive = sys.stdin.isatty()
-    with Generator(bundle, backend, check_hashes=not no_hash_check) as generator:
+    with Generator(bundle, backend, check_hashes=not no_hash_check, pack=pack) as generator:
         while True:
             if interactive:
                 click.echo("> ", nl=False, err=True)

@@ -17,6 +17,10 @@ def build_tensorrt(path: Path, profile_text: str | None = None, check_hashes: bo
 
     bundle = load_bundle(path, check_hashes=check_hashes)
     manifest = bundle.manifest
+    if bundle.kind == "base":
+        raise NectarError(f"{bundle.path} is a base bundle: TensorRT engines are built for single-file bundles only "
+                          "(their heads are weights of the engine); export the document as one with "
+                          "`nectar-export export ARTIFACT`")
     if manifest.static:
         raise NectarError(STATIC_REFUSED.format(path=bundle.path))
     check_writable(bundle.path)          # the engine goes into the bundle: refuse now, not after the build

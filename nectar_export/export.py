@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class ExportConfig:
     device: str = "cpu"             # where the context is prefilled; the graph is always traced on the CPU
     cache: str = "dynamic"          # KV layout: "dynamic" (past grows) or "static" (fixed buffers, see step.py)
     overwrite: bool = False         # replace an earlier bundle at `output`
+    base: bool = False              # a base bundle: the Nectar graph with the heads as inputs, no document inside
 
 
 class Stages:
@@ -84,6 +86,9 @@ def run_export(config: ExportConfig) -> BundleManifest:
         raise NectarError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if config.cache not in CACHE_LAYOUTS:
         raise NectarError(f"unknown cache layout {config.cache!r}; choose one of {', '.join(CACHE_LAYOUTS)}")
+    if config.base and (config.baseline or config.all_logits):
+        raise NectarError("--base writes the Nectar graph without its document; it takes neither --baseline "
+                          "nor --all-logits")
     with writing(config.output):            # before any work: -o writable, and no other export writing it
         check_bundle_output(config.output, config.overwrite)
         return _export(config, read_manifest(config.artifact))
@@ -93,10 +98,12 @@ def _export(config: ExportConfig, manifest: ArtifactManifest) -> BundleManifest:
     """run_export's stages, with the output held."""
     from nectar_graphs.bundle_writer import io_spec, structure_proto, write_bundle
     from nectar_graphs.lint import lint
-    from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls
+    from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, lift_heads
 
     # converting before fusing: the fused q|k|v and gate|up copies are made in the low precision
     passes = [fold_constants, convert_precision(config.precision), fuse_sibling_matmuls, cleanup]
+    if config.base:
+        passes.append(lift_heads)
     stage = Stages(["torch.onnx.export", *[p.__name__ for p in passes], "lint", "write"])
     try:
         traced = trace_step(config, manifest, stage)
@@ -107,7 +114,7 @@ def _export(config: ExportConfig, manifest: ArtifactManifest) -> BundleManifest:
         inputs, outputs = io_spec(traced.graph)
         kv_dtype = inputs[3].dtype
         # the past a sequence starts from: the whole context's KV (baseline) or the exact tokens' (Nectar)
-        context_kv = _context_kv(traced.cache, kv_dtype) if traced.cache.n else None
+        context_kv = _context_kv(traced.cache, kv_dtype) if traced.cache.n and not config.base else None
         stage("lint")
         report = lint(structure_proto(traced.graph))
         stage("write")
@@ -137,8 +144,13 @@ def trace_step(config: ExportConfig, manifest: ArtifactManifest, stage: Stages) 
         cache = context_cache(model, context_ids, device, dtype=TORCH_DTYPES[config.precision])
         step = StepModule(model, None, config.all_logits, static)
     else:                                    # only the exact tokens' KV leaves the device
-        cache = context_cache(model, context_ids, device, exact=artifact.exact_sets())
         pairs = artifact.heads[config.variant]
+        if config.base:                      # the heads only give the graph its shapes; a pack brings the KV
+            check_joint(pairs, config.variant)
+            empty = [torch.zeros(0, 0, 0) for _ in pairs]                  # n = 0 tokens
+            cache = ContextCache(empty, list(empty))
+        else:
+            cache = context_cache(model, context_ids, device, exact=artifact.exact_sets())
         step = StepModule(model, nectar_contexts(pairs), config.all_logits, static)
     stage("torch.onnx.export")
     graph = export_step(step.eval())
@@ -168,14 +180,25 @@ def bundle_manifest(config: ExportConfig, manifest: ArtifactManifest, traced: Tr
              "base_params": traced.base_params, "nectar_params": traced.params["fitted"],
              "nectar_graph_numbers": traced.params["in_graph"],
              "dims_equal_to_n": len(tensors_with_dim(traced.graph, n)), "lint": lint_report}
+    kind = "base" if config.base else "full" if config.baseline else "nectar"
+    if config.base:                          # no document: a pack gives n, the cached tokens and the template
+        n, source = 0, dataclasses.replace(source, context_sha256="")
     return BundleManifest(
-        kind="full" if config.baseline else "nectar", precision=config.precision, kv_dtype=inputs[3].dtype,
+        kind=kind, precision=config.precision, kv_dtype=inputs[3].dtype,
         cache_layout=config.cache, n=n, first_position=n, max_new_tokens=manifest.max_new_tokens,
         cached_tokens=traced.cache.n, logits="all" if config.all_logits else "last", layers=model.layers,
         kv_heads=model.kv_heads, head_dim=model.head_dim, vocab_size=traced.vocab_size, inputs=tuple(inputs),
-        outputs=tuple(outputs), question_template=manifest.context.question_template,
+        outputs=tuple(outputs),
+        question_template="{question}" if config.base else manifest.context.question_template,
         stop_token_ids=tuple(sorted(stop_ids(tokenizer))), pad_token_id=pad_id(tokenizer), source=source,
         graph=graph)
+
+
+def check_joint(pairs: Sequence[Any], variant: str) -> None:
+    """Refuse heads that a base bundle's inputs cannot hold: only MLP pairs run as the three products it takes."""
+    if not all(hasattr(p, "joint_weights") for p in pairs):
+        raise NectarError(f"the artifact's {variant!r} heads are not MLP pairs (a quadrature family?); base bundles "
+                          "and packs hold MLP heads only: pick the 'nectar' variant")
 
 
 def context_cache(model: Any, ids: list[int], device: torch.device, exact: Sequence[torch.Tensor] | None = None,

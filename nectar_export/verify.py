@@ -75,12 +75,22 @@ class Gaps:
 
 
 def run_verify(path: Path, prompts: int = 24, steps: int = 10, backend_name: str = "ort-cpu",
-               model_spec: str | None = None, check_hashes: bool = True, **backend_options: Any) -> dict[str, Any]:
-    """Run both on up to `prompts` held-out questions with `steps` greedy decode steps each; report the gaps."""
+               model_spec: str | None = None, check_hashes: bool = True, pack: Path | None = None,
+               **backend_options: Any) -> dict[str, Any]:
+    """Run both on up to `prompts` held-out questions with `steps` greedy decode steps each; report the gaps (a
+    base bundle with `pack`: the pack's document)."""
     from nectar_runtime.backends import make_backend
     from nectar_runtime.bundle import load_bundle
 
     bundle = load_bundle(path, check_hashes=check_hashes)
+    if bundle.kind == "base":                      # the pack's document, on the base's graph
+        from nectar_runtime.pack import load_pack, resolve
+
+        if pack is None:
+            raise NectarError(f"{bundle.path} is a base bundle: pass the pack to verify (--pack PACK)")
+        bundle = resolve(bundle, load_pack(pack, check_hashes=check_hashes))
+    elif pack is not None:
+        raise NectarError(f"{bundle.path} is a single-file {bundle.kind} bundle; --pack goes with a base bundle")
     manifest = bundle.manifest
     if manifest.source is None:
         raise NectarError(f"{bundle.path} records no source artifact, so there is nothing to verify it against; "
@@ -126,7 +136,7 @@ def _compare_kv(backend: Any, ref_cache: Any, diffs: dict[str, float]) -> None:
     """Largest gap between the backend's present KV and the reference cache, on every backend. A Nectar bundle's
     past starts with the exact tokens' KV, which the reference keeps inside its heads."""
     bundle = backend.bundle
-    skip = bundle.cached_tokens if bundle.kind == "nectar" else 0
+    skip = bundle.cached_tokens if bundle.kind != "full" else 0
     layers = bundle.manifest.layers
     for name, got, layer, kind in zip(bundle.present_names(), backend.present_kv(),
                                       [i for i in range(layers) for _ in (0, 1)], ["keys", "values"] * layers):

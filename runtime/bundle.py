@@ -12,7 +12,10 @@ A bundle is a directory:
 bundle.json, format "nectar-bundle/2" ("nectar-bundle/1" still loads: its `context_tokens` is read as
 `cached_tokens`, and where it is absent, n for a full bundle and 0 for a Nectar one):
 
-    kind              "nectar" (document baked into Nectar heads) or "full" (context KV as past input)
+    kind              "nectar" (document baked into Nectar heads), "full" (context KV as past input) or "base" (the
+                      Nectar graph with no document: heads are graph inputs, a pack supplies them and the exact
+                      tokens' KV; its n, first_position, cached_tokens, window and template are 0, 0, 0, a default
+                      and "{question}" until a pack gives its own: see nectar_runtime.pack)
     precision         "fp32" | "fp16" | "bf16"; kv_dtype: numpy-style name of the KV I/O type
     cache_layout      "dynamic" (the past grows each step) or "static" (fixed buffers written in place)
     n                 context tokens; first_position: position of the first new token (= n)
@@ -51,7 +54,7 @@ ONNX_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 CONTEXT_FILE = "context.safetensors"
 ENGINE_FILE = "model.plan"
-KINDS = ("nectar", "full")
+KINDS = ("nectar", "full", "base")
 LAYOUTS = ("dynamic", "static")
 PRECISIONS = ("fp32", "fp16", "bf16")
 KV_DTYPES = ("float32", "float16", "bfloat16")
@@ -60,6 +63,11 @@ LOGITS = ("last", "all")
 # The past and present tensor names of the step graph (the Hugging Face / Optimum convention), spelled once.
 PAST_TEMPLATES = {"key": "past_key_values.{layer}.key", "value": "past_key_values.{layer}.value",
                   "present_key": "present.{layer}.key", "present_value": "present.{layer}.value"}
+# a base bundle's head inputs per layer (the three products and first bias of graphs.step.JointPair), in graph
+# order after the past; their hidden width is the axis WIDTH_AXIS, so heads of any size fit one base
+HEAD_PREFIX = "nectar_heads."
+HEAD_TEMPLATES = tuple(HEAD_PREFIX + "{layer}." + w for w in ("w1", "b1", "w2", "w3"))
+WIDTH_AXIS = "nectar_width.{layer}"
 MAX_LAYERS = 1024                # bounds that no real decoder reaches; a larger number is a damaged manifest
 MAX_TOKENS = 1 << 24
 MAX_TEMPLATE = 1 << 16           # characters of the question template (chat templates' are a few dozen)
@@ -96,6 +104,11 @@ def past_names(layers: int) -> list[str]:
 def present_names(layers: int) -> list[str]:
     """Present output names in graph order, paired with past_names."""
     return [PAST_TEMPLATES[kv].format(layer=i) for i in range(layers) for kv in ("present_key", "present_value")]
+
+
+def head_names(layers: int) -> list[str]:
+    """A base bundle's head input names in graph order: w1, b1, w2, w3 of layer 0, then of layer 1, ..."""
+    return [t.format(layer=i) for i in range(layers) for t in HEAD_TEMPLATES]
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
@@ -317,14 +330,16 @@ def check_graph_io(manifest: BundleManifest, inputs: list[tuple[str, list]], out
     """Refuse a manifest whose numbers disagree with the graph's own inputs and outputs ((name, shape) pairs as
     a runtime reports them): names and order, and the KV's heads and head size, the logits' vocabulary."""
     third = "cache_position" if manifest.static else "attention_mask"
-    want_in = ["input_ids", "position_ids", third, *manifest.past_names()]
+    heads = head_names(manifest.layers) if manifest.kind == "base" else []
+    want_in = ["input_ids", "position_ids", third, *manifest.past_names(), *heads]
     want_out = [manifest.logits_name, *manifest.present_names()]
     names_in, names_out = [n for n, _ in inputs], [n for n, _ in outputs]
     problem = _listed_io(manifest, inputs, outputs)
     if names_in != want_in or names_out != want_out:
         problem = (f"it describes {manifest.layers} layers of the {manifest.cache_layout} layout ({len(want_in)} inputs, "
                    f"{len(want_out)} outputs), the graph has {len(names_in)} inputs and {len(names_out)} outputs")
-    for name, shape in [*inputs[3:], *outputs[1:]]:                  # [B, Hkv, P, D] each
+    kv_inputs = inputs[3:len(inputs) - len(heads)]
+    for name, shape in [*kv_inputs, *outputs[1:]]:                  # [B, Hkv, P, D] each
         if not shape or len(shape) != 4:
             continue
         heads, dim = shape[1], shape[3]
@@ -339,10 +354,12 @@ def check_graph_io(manifest: BundleManifest, inputs: list[tuple[str, list]], out
 
 @dataclass(frozen=True)
 class Bundle:
-    """A validated bundle directory and its manifest."""
+    """A validated bundle directory and its manifest; for a base bundle running a document, the pack too
+    (nectar_runtime.pack.resolve: the manifest then holds the pack's numbers)."""
 
     path: Path
     manifest: BundleManifest
+    pack: Any = None                 # nectar_runtime.pack.Pack
 
     @property
     def onnx_path(self) -> Path:

@@ -26,6 +26,7 @@ from nectar_runtime.backends import BACKEND_NAMES, make_backend
 from nectar_runtime.backends.base import Backend
 from nectar_runtime.bundle import TOKENIZER_FILE, Bundle, load_bundle
 from nectar_runtime.errors import GenerationError, NectarError, NectarInternalError
+from nectar_runtime.pack import Pack, check_pack, load_pack, resolve
 from nectar_runtime.sampling import Sampling, pick_next
 
 @dataclass
@@ -102,20 +103,58 @@ class TextStream:
 
 
 class Generator:
-    """A bundle, its tokenizer and one active backend; answers questions about the bundle's document."""
+    """A bundle, its tokenizer and one active backend; answers questions about the bundle's document.
+
+    A base bundle takes a pack (`pack=`): the pack's document is the one answered, and `use` switches to another
+    pack loaded with `load_pack`, on the same session."""
 
     def __init__(self, bundle_path: str | Path, backend: str = "ort-cpu", check_hashes: bool = True,
-                 **backend_options: Any):
-        """Load and check the bundle (every file's sha256 unless `check_hashes` is False), its tokenizer, and
-        activate the backend."""
-        self.bundle = load_bundle(bundle_path, check_hashes=check_hashes)
+                 pack: str | Path | Pack | None = None, **backend_options: Any):
+        """Load and check the bundle (every file's sha256 unless `check_hashes` is False), its tokenizer, the pack
+        for a base bundle, and activate the backend."""
+        self.base = load_bundle(bundle_path, check_hashes=check_hashes)
+        self.check_hashes = check_hashes
+        self.pack: Pack | None = None
+        self.bundle = self.base
+        if self.base.kind == "base":
+            if pack is None:
+                raise GenerationError(f"{self.base.path} is a base bundle: pass the pack of the document to answer "
+                                      "(--pack PACK, made with `nectar-export pack`)")
+            self.pack = self.load_pack(pack)
+            self.bundle = resolve(self.base, self.pack)
+        elif pack is not None:
+            raise GenerationError(f"{self.base.path} is a single-file {self.base.kind} bundle with its document "
+                                  "inside; packs run on a base bundle")
         self.tokenizer = load_tokenizer(self.bundle)
         self.backend_name = backend
         self.backend: Backend = make_backend(self.bundle, backend, **backend_options)
         self.backend.activate()
         self.stop_ids = set(self.bundle.manifest.stop_token_ids)
-        self.window = self.bundle.manifest.max_new_tokens
         self.last: Result | None = None
+        self.switch_ms = 0.0                      # how long the last `use` took
+
+    @property
+    def window(self) -> int:
+        """The new-token window of the document answered now (prompt plus answer)."""
+        return self.bundle.manifest.max_new_tokens
+
+    def load_pack(self, pack: str | Path | Pack) -> Pack:
+        """A pack checked against this base (BundleError naming both when it was made for another)."""
+        loaded = pack if isinstance(pack, Pack) else load_pack(pack, check_hashes=self.check_hashes)
+        check_pack(self.base, loaded)
+        return loaded
+
+    def use(self, pack: Pack) -> float:
+        """Answer about `pack`'s document from now on: the session stays, the pack's heads and KV are bound.
+        Returns (and keeps in `switch_ms`) the milliseconds it took."""
+        if self.pack is None:
+            raise GenerationError(f"{self.base.path} is a single-file bundle; only a base bundle switches packs")
+        start = time.perf_counter()
+        bundle = resolve(self.base, pack)
+        self.backend.switch(bundle)
+        self.bundle, self.pack = bundle, pack
+        self.switch_ms = (time.perf_counter() - start) * 1e3
+        return self.switch_ms
 
     def __enter__(self) -> "Generator":
         return self
@@ -214,6 +253,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nectar_runtime",
                                      description="Answer a question about a bundle's document (torch-free runtime).")
     parser.add_argument("bundle")
+    parser.add_argument("--pack", default=None, help="the document's pack, for a base bundle")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=Sampling.max_new_tokens)
     parser.add_argument("--backend", choices=BACKEND_NAMES, default="ort-cpu")
@@ -232,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-        with Generator(args.bundle, args.backend, check_hashes=not args.no_hash_check) as generator:
+        with Generator(args.bundle, args.backend, check_hashes=not args.no_hash_check, pack=args.pack) as generator:
             write = (lambda s: print(s, end="", flush=True)) if args.stream else None
             result = generator.generate(args.prompt, sampling, on_text=write)
             print("" if args.stream else result.text)

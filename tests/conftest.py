@@ -128,14 +128,8 @@ def bundles(tmp_path_factory, artifact) -> dict[str, Path]:
     attention), and both with the static KV layout ("nectar_static", "full_static")."""
     root = tmp_path_factory.mktemp("bundles")
     outs = {kind: root / kind for kind in ("nectar", "full", "nectar_static", "full_static")}
-    procs = {kind: subprocess.Popen([sys.executable, "-m", "nectar_export.cli", "export", str(artifact), "-o",
-                                     str(out), *(["--baseline"] if kind.startswith("full") else []),
-                                     *(["--cache", "static"] if kind.endswith("static") else [])],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for kind, out in outs.items()}
-    for kind, proc in procs.items():
-        _, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, f"export {kind} failed: {err[-2000:]}"
+    _run_all({kind: ["export", str(artifact), "-o", str(out), *(["--baseline"] if kind.startswith("full") else []),
+                     *(["--cache", "static"] if kind.endswith("static") else [])] for kind, out in outs.items()})
     return outs
 
 
@@ -147,6 +141,30 @@ def nectar_bundle(bundles) -> Path:
 @pytest.fixture(scope="session")
 def full_bundle(bundles) -> Path:
     return bundles["full"]
+
+
+@pytest.fixture(scope="session")
+def packs(tmp_path_factory, artifact, whole_artifact) -> dict[str, Path]:
+    """Base bundles exported from `artifact` (`export --base`, dynamic and static layouts), packs of two documents
+    for the dynamic base ("manual": the artifact's 512 tokens, "whole": whole_artifact's document, with salient
+    exact tokens and heads of another width), and whole_artifact's single-file Nectar bundle to compare with."""
+    root = tmp_path_factory.mktemp("packs")
+    jobs = {"base": ["export", str(artifact), "--base"], "base_static": ["export", str(artifact), "--base",
+                                                                          "--cache", "static"],
+            "whole_bundle": ["export", str(whole_artifact)]}
+    _run_all({name: [*cmd, "-o", str(root / name)] for name, cmd in jobs.items()})
+    _run_all({name: ["pack", str(art), "--base", str(root / "base"), "-o", str(root / name)]
+              for name, art in (("manual", artifact), ("whole", whole_artifact))})
+    return {name: root / name for name in [*jobs, "manual", "whole"]}
+
+
+def _run_all(commands: dict[str, list[str]]) -> None:
+    """nectar-export commands side by side; each must succeed."""
+    procs = {name: subprocess.Popen([sys.executable, "-m", "nectar_export.cli", *cmd], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name, cmd in commands.items()}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"{name} failed: {err[-2000:]}"
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ the positions and slots of new tokens, and the timing of each step. A backend im
     _activate_impl()         open the session, load what reset needs (the cached tokens' KV)
     _release_impl()          drop them
     _reset_impl(batch)       start a sequence whose past is the bundle's cached tokens' KV
+    _switch_impl()           a base bundle: load the new pack's heads and cached tokens' KV, same session
     _step_impl(ids, pos)     run new tokens ids [B, T] at positions pos [B, T]; keep their KV; return logits [B, T', V]
     _present_kv_impl()       host copies of the present keys and values
     _infer_impl(feeds)       one plain call with host arrays
@@ -19,7 +20,9 @@ and the public methods wrap them:
   `last_step` then says how long it took (and, where the backend times them, its parts);
 - `present_kv()`: the past as it stands, one host array [B, Hkv, past_tokens, D] per past input (keys and values
   of every layer, in past-name order): what `verify` compares with the reference on every backend;
-- `infer(feeds)`: one plain call of the graph with host arrays in and out (no sequence state).
+- `infer(feeds)`: one plain call of the graph with host arrays in and out (no sequence state);
+- `switch(bundle)`: a base bundle with another pack (nectar_runtime.pack.resolve): the session stays, the
+  pack's heads and KV replace the old ones, and a batch-1 sequence starts.
 
 Use as a context manager: `with make_backend(bundle, "ort-cpu") as backend: ...`.
 """
@@ -139,6 +142,21 @@ class Backend:
         self._release_impl()
         self.active, self.batch, self.new_tokens = False, 0, 0
 
+    def switch(self, bundle: Bundle) -> None:
+        """Run another pack on the same base: keep the session, load the pack, start a batch-1 sequence."""
+        self._require_active()
+        if bundle.pack is None or self.bundle.pack is None or bundle.path != self.bundle.path:
+            raise BackendError(f"switch takes the base {self.bundle.path} with another pack, got {bundle.path}")
+        previous = self.bundle
+        self.bundle, self.manifest = bundle, bundle.manifest
+        try:
+            self._switch_impl()
+        except BaseException:
+            self.bundle, self.manifest = previous, previous.manifest
+            self._switch_impl()
+            raise
+        self.reset(1)
+
     def reset(self, batch: int = 1) -> None:
         """Start a sequence of `batch` rows whose past is the bundle's cached tokens' KV."""
         self._require_active()
@@ -216,6 +234,10 @@ class Backend:
 
     def _reset_impl(self, batch: int) -> None:
         raise NotImplementedError
+
+    def _switch_impl(self) -> None:
+        raise BackendError(f"the {self.name} backend runs single-file bundles, not a base with packs; "
+                           "use --backend ort-cpu or ort-cuda")
 
     def _step_impl(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         raise NotImplementedError

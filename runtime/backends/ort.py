@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from nectar_runtime.backends.base import Backend, kv_capacity
-from nectar_runtime.bundle import CONTEXT_FILE, Bundle
+from nectar_runtime.bundle import CONTEXT_FILE, Bundle, head_names
 from nectar_runtime.errors import BackendError
 
 
@@ -22,25 +22,47 @@ def kv_numpy_dtype(name: str) -> Any:
     return np.dtype(name)
 
 
-def load_context_kv(bundle: Bundle, dtype: Any) -> list[np.ndarray]:
-    """The bundle's cached tokens' keys and values [1, Hkv, cached_tokens, D] per layer, in past-input order."""
+def _read_tensors(bundle: Bundle) -> tuple[dict[str, np.ndarray], Any, str]:
+    """The safetensors file that holds the cached tokens' KV (the bundle's context file, or its pack's file, which
+    also holds the heads): (tensors, path, what to do when it is damaged)."""
     from safetensors.numpy import load_file
 
+    if bundle.pack is not None:
+        path, fix = bundle.pack.file, "re-make the pack"
+    else:
+        path, fix = bundle.path / CONTEXT_FILE, "re-export the bundle"
     try:
-        tensors = load_file(str(bundle.path / CONTEXT_FILE))
+        return load_file(str(path)), path, fix
     except Exception as exc:          # safetensors raises its own SafetensorError (and OSError) on a damaged file
-        raise BackendError(f"cannot read {bundle.path / CONTEXT_FILE}: {str(exc).splitlines()[0][:200]}; "
-                           "re-export the bundle") from None
+        raise BackendError(f"cannot read {path}: {str(exc).splitlines()[0][:200]}; {fix}") from None
+
+
+def load_context_kv(bundle: Bundle, dtype: Any) -> list[np.ndarray]:
+    """The bundle's cached tokens' keys and values [1, Hkv, cached_tokens, D] per layer, in past-input order."""
+    tensors, path, fix = _read_tensors(bundle)
     m = bundle.manifest
     want = (1, m.kv_heads, bundle.cached_tokens, m.head_dim)
     for name in bundle.past_names():
         if name not in tensors:
-            raise BackendError(f"{bundle.path / CONTEXT_FILE} lacks {name!r}; re-export the bundle")
+            raise BackendError(f"{path} lacks {name!r}; {fix}")
         if tensors[name].shape != want:
-            raise BackendError(f"{bundle.path / CONTEXT_FILE} holds {name} of shape {list(tensors[name].shape)}, "
-                               f"bundle.json says {list(want)} ({bundle.cached_tokens} cached tokens); "
-                               "re-export the bundle")
+            raise BackendError(f"{path} holds {name} of shape {list(tensors[name].shape)}, its manifest says "
+                               f"{list(want)} ({bundle.cached_tokens} cached tokens); {fix}")
     return [np.ascontiguousarray(tensors[name].astype(dtype, copy=False)) for name in bundle.past_names()]
+
+
+def load_heads(bundle: Bundle) -> dict[str, np.ndarray]:
+    """A base bundle's head inputs from its pack (name -> array in the graph's type); {} for other bundles."""
+    if bundle.pack is None:
+        return {}
+    from nectar_runtime.pack import pack_tensors_problem
+
+    tensors, path, fix = _read_tensors(bundle)
+    if (problem := pack_tensors_problem(bundle, tensors)) is not None:
+        raise BackendError(f"{path} does not fit the base {bundle.path}: {problem}; {fix}")
+    dtype = kv_numpy_dtype(bundle.manifest.kv_dtype)          # the heads are in the graph's float type
+    names = head_names(bundle.manifest.layers)
+    return {name: np.ascontiguousarray(tensors[name].astype(dtype, copy=False)) for name in names}
 
 
 def session_options(ort: Any, optimize: bool, profile: str | None) -> Any:
@@ -68,6 +90,8 @@ class OrtCpuBackend(Backend):
         self.context: list[np.ndarray] | None = None
         self.past: list[np.ndarray] = []          # [B, Hkv, past_tokens, D] per past input
         self.buffers: list[np.ndarray] = []       # static layout: [B, Hkv, capacity, D] per past input
+        self.heads: dict[str, np.ndarray] = {}    # a base bundle's head inputs, from its pack
+        self._documents: dict[Any, tuple[Any, dict[str, np.ndarray]]] = {}    # pack key -> (context, heads)
 
     def _activate_impl(self) -> None:
         try:
@@ -84,14 +108,32 @@ class OrtCpuBackend(Backend):
                                f"{str(exc).splitlines()[0][:300]}") from None
         self.check_session_io(self.session)
         self.kv_dtype = kv_numpy_dtype(self.manifest.kv_dtype)
-        self.context = load_context_kv(self.bundle, self.kv_dtype) if self.bundle.cached_tokens else None
+        self._load_document()
+
+    def _load_document(self) -> None:
+        """What the bundle's document puts in every sequence: the cached tokens' KV and, for a base, the heads.
+        Each pack's stay in memory once read, so switching back to a pack is a change of references."""
+        key = self.bundle.pack.key if self.bundle.pack is not None else None
+        if key not in self._documents:
+            context = load_context_kv(self.bundle, self.kv_dtype) if self.bundle.cached_tokens else None
+            self._documents[key] = (context, load_heads(self.bundle))
+        self.context, self.heads = self._documents[key]
+
+    def _switch_impl(self) -> None:
+        self._load_document()
+
+    def resident_bytes(self) -> int:
+        """Host bytes of the documents held: every loaded pack's heads and cached tokens' KV."""
+        arrays = [a for context, heads in self._documents.values() for a in [*(context or []), *heads.values()]]
+        return sum(a.nbytes for a in arrays)
 
     def end_profiling(self) -> str:
         """Close ORT's trace (profile=PREFIX was given) and return its file's path."""
         return self.session.end_profiling()
 
     def _release_impl(self) -> None:
-        self.session, self.past, self.buffers, self.context = None, [], [], None
+        self.session, self.past, self.buffers, self.context, self.heads = None, [], [], None, {}
+        self._documents = {}
 
     def _reset_impl(self, batch: int) -> None:
         m = self.manifest
@@ -113,6 +155,7 @@ class OrtCpuBackend(Backend):
         else:
             feeds["attention_mask"] = self.attention_mask(ids.shape[1])
             feeds.update(zip(self.bundle.past_names(), self.past))
+        feeds.update(self.heads)
         return feeds
 
     def _step_impl(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -129,4 +172,4 @@ class OrtCpuBackend(Backend):
 
     def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, feeds)))
+        return dict(zip(names, self.session.run(names, {**self.heads, **feeds})))

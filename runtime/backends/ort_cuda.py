@@ -25,6 +25,11 @@ Why a view at the start of a max-size buffer is exact: a contiguous [B, Hkv, P, 
 B*Hkv*P*D elements of any buffer at least that large, and its strides follow from the bound shape, not from
 the shape the buffer was allocated with. The present written as contiguous [B, Hkv, P + T, D] is therefore,
 byte for byte, the past of the next step.
+
+A base bundle with packs (nectar_runtime.pack): the pack's heads are uploaded once as device tensors and bound
+as inputs. Each pack loaded keeps its own state (heads, KV buffers, the fixed one-token binding) and, with CUDA
+graphs, its own graph id, so `switch` back to a pack seen before only selects its state: no upload, no new
+capture, and no new session. Device memory per loaded pack is its heads and its KV buffers.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from nectar_runtime.backends.base import Backend, kv_capacity, leading_view
-from nectar_runtime.backends.ort import kv_numpy_dtype, load_context_kv, session_options
+from nectar_runtime.backends.ort import kv_numpy_dtype, load_context_kv, load_heads, session_options
 from nectar_runtime.bundle import Bundle
 from nectar_runtime.errors import BackendError
 
@@ -85,6 +90,10 @@ class OrtCudaBackend(Backend):
         self._allocated = 0                        # batch the buffers are sized for
         self._cur = 0                              # which buffer of each pair holds the past
         self._on_context = False                   # the next step reads the past from the context values
+        self._heads: dict[str, Any] = {}           # a base bundle's head inputs: name -> device OrtValue
+        self._graph_id = "1"                       # the CUDA graph of this pack's one-token step
+        self._states: dict[Any, dict[str, Any]] = {}   # pack key -> its saved state (see _switch_impl)
+        self._key = bundle.pack.key if bundle.pack is not None else None      # the running pack's
 
     # -- resources -------------------------------------------------------------------------------
 
@@ -111,6 +120,29 @@ class OrtCudaBackend(Backend):
         self._runs = {graph: self._run_options(graph) for graph in ("1", "-1")}
         self.kv_dtype = kv_numpy_dtype(self.manifest.kv_dtype)
         self._element = BFLOAT16 if self.manifest.kv_dtype == "bfloat16" else np.dtype(self.manifest.kv_dtype).type
+        self._heads = self._upload_heads()
+
+    def _upload_heads(self) -> dict[str, Any]:
+        """The pack's head inputs copied to the device once ({} for a single-file bundle)."""
+        return {name: self._ort.OrtValue.ortvalue_from_numpy(array, self.device, self.device_id)
+                for name, array in load_heads(self.bundle).items()}
+
+    STATE = ("_kv", "_context", "_allocated", "_decode", "_decode_io", "_host", "_heads", "_graph_id")
+
+    def _switch_impl(self) -> None:
+        """Save the running pack's state, then select the new pack's (made on first use: heads uploaded, buffers
+        allocated at the next reset, a CUDA graph id of its own)."""
+        self._states[self._key] = {name: getattr(self, name) for name in self.STATE}
+        self._key = self.bundle.pack.key
+        saved = self._states.get(self._key)
+        if saved is not None:
+            for name, value in saved.items():
+                setattr(self, name, value)
+            return
+        self._decode, self._decode_io, self._host, self._kv, self._context, self._allocated = None, {}, [], {}, {}, 0
+        self._heads = self._upload_heads()
+        self._graph_id = str(len(self._states) + 1)
+        self._runs[self._graph_id] = self._run_options(self._graph_id)
 
     def end_profiling(self) -> str:
         """Close ORT's trace (profile=PREFIX was given) and return its file's path."""
@@ -126,6 +158,7 @@ class OrtCudaBackend(Backend):
     def _release_impl(self) -> None:
         self._decode, self._decode_io, self._host = None, {}, []
         self._kv, self._context, self._allocated = {}, {}, 0
+        self._heads, self._states, self._graph_id = {}, {}, "1"
         self._binding = self.session = None
 
     def _device_value(self, shape: list[int], element: Any = None) -> Any:
@@ -172,6 +205,7 @@ class OrtCudaBackend(Backend):
             decode.bind_ortvalue_input(name, io[name])
         decode.bind_ortvalue_output(m.logits_name, io["logits"])
         self._bind_buffers(decode, shape)
+        self._bind_heads(decode)
         self._decode, self._decode_io = decode, io
 
     def _bind_buffers(self, io: Any, shape: list[int]) -> None:
@@ -180,6 +214,11 @@ class OrtCudaBackend(Backend):
             ptr = self._kv[past_name][0].data_ptr()
             io.bind_input(past_name, self.device, self.device_id, self._element, shape, ptr)
             io.bind_output(present_name, self.device, self.device_id, self._element, shape, ptr)
+
+    def _bind_heads(self, io: Any) -> None:
+        """A base bundle: the pack's device-resident heads as inputs."""
+        for name, value in self._heads.items():
+            io.bind_ortvalue_input(name, value)
 
     def _upload_context(self, batch: int) -> dict[str, Any]:
         """The cached tokens' KV copied to the device once: past name -> OrtValue [B, Hkv, cached_tokens, D]."""
@@ -218,7 +257,7 @@ class OrtCudaBackend(Backend):
                 for name, array in (("input_ids", ids), ("position_ids", positions), ("cache_position", slots)):
                     self._decode_io[name].update_inplace(array)
             with self.timed("run"):
-                self.session.run_with_iobinding(self._decode, self._runs["1"])
+                self.session.run_with_iobinding(self._decode, self._runs[self._graph_id])
             with self.timed("fetch_logits"):
                 return self._decode_io["logits"].numpy()
         io = self._binding
@@ -228,6 +267,7 @@ class OrtCudaBackend(Backend):
         for name, array in (("input_ids", ids), ("position_ids", positions), ("cache_position", slots)):
             io.bind_cpu_input(name, array)
         self._bind_buffers(io, self._buffer_shape(ids.shape[0]))
+        self._bind_heads(io)
         with self.timed("run"):
             self.session.run_with_iobinding(io, self._runs["-1"])
         return io.get_outputs()[0].numpy()
@@ -253,6 +293,7 @@ class OrtCudaBackend(Backend):
             io.bind_input(past_name, self.device, self.device_id, self._element, past_shape, self._past_ptr(past_name))
             io.bind_output(present_name, self.device, self.device_id, self._element, present_shape,
                            self._kv[past_name][nxt].data_ptr())
+        self._bind_heads(io)
 
     def _present_kv_impl(self) -> list[np.ndarray]:
         """Host copies of the past: the filled slots of each static buffer, or the contiguous view at the start of
@@ -271,7 +312,8 @@ class OrtCudaBackend(Backend):
     def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One plain call with host arrays in and out (ORT copies them; no sequence state)."""
         names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, feeds)))
+        heads = {name: value.numpy() for name, value in self._heads.items()}
+        return dict(zip(names, self.session.run(names, {**heads, **feeds})))
 
     def kv_bytes(self) -> int:
         """Device bytes held for the KV: both buffers of every pair plus the uploaded context."""

@@ -97,6 +97,9 @@ class TensorRTBackend(Backend):
         return values[0] if len(values) == 1 else (values or None)
 
     def _activate_impl(self) -> None:
+        if self.bundle.kind == "base":
+            raise BackendError(f"{self.bundle.path} is a base bundle: the tensorrt backend runs single-file bundles "
+                               "only; run a base with its packs on --backend ort-cpu or ort-cuda")
         path = self._engine_path()
         self._trt, self._cudart = _import_tensorrt(), _import_cudart()
         trt = self._trt

@@ -5,6 +5,8 @@
 #
 #   tests/runtime/edge_venv.sh BUNDLE ["question"]      # PYTHON=python3.12 to pick the interpreter
 #
+# With BASE=... PACK=... in the environment it also answers from a base bundle and a pack.
+#
 # Fails if the generation fails or if torch or transformers ended up in the environment.
 set -euo pipefail
 
@@ -27,6 +29,10 @@ fi
 cd "$work"
 PYTHONPATH="$work/path" "$work/venv/bin/python" -m nectar_runtime "$bundle" --prompt "$question" \
     --max-new-tokens 16 --stream
+if [[ -n "${BASE:-}" ]]; then
+    PYTHONPATH="$work/path" "$work/venv/bin/python" -m nectar_runtime "$(realpath "$BASE")" \
+        --pack "$(realpath "${PACK:?PACK goes with BASE}")" --prompt "$question" --max-new-tokens 8
+fi
 PYTHONPATH="$work/path" "$work/venv/bin/python" - "$bundle" <<'PY'
 import sys
 from nectar_runtime.generator import Generator
