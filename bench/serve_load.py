@@ -10,7 +10,7 @@ is refused; any refusal (429) or other failure is counted, never retried. Latenc
 TTFT the time to its first text chunk, both from the client. The clients share the machine with the server.
 
 Memory: the server's resident set (VmRSS) once loaded and idle, and its high-water mark (VmHWM) after the run.
-Packs (issue 16, parts 1-2): `--base BASE --pack NAME=PACK ...` serves packs on one base instead of bundles;
+Packs: `--base BASE --pack NAME=PACK ...` serves packs on one base instead of (or beside) bundles;
 round-robin over them switches the pack before every request, and the server's own
 nectar_pack_switch_milliseconds histogram gives the switch time. `--pack-counts 1,4,16` starts one server per
 count with the first K packs and records its memory and switch time (needs at least max(K) packs).
@@ -240,7 +240,7 @@ def load_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def pack_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """PACKS: a server with the first K packs for each K of --pack-counts, its memory and switch time."""
+    """A server with the first K packs for each K of --pack-counts, its memory and switch time."""
     rows = []
     for count in [int(k) for k in args.pack_counts.split(",") if k]:
         if count > len(args.pack):

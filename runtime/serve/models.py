@@ -73,9 +73,9 @@ def _generator(config: ServeConfig, name: str, path: Any, **pack: Any) -> Genera
 
 
 def load_packs(config: ServeConfig, metrics: Metrics) -> dict[str, Entry]:
-    """PACKS (parts 1-2, wired at merge): one Generator on the base with the first pack bound, every other pack
+    """One Generator on the base with the first pack bound, every other pack
     loaded and checked against the base (BundleError), one worker for them all."""
-    from nectar_runtime.pack import resolve                  # PACKS: the base's Bundle with a pack's numbers
+    from nectar_runtime.pack import resolve                  # the base's Bundle with a pack's numbers
 
     first_name, first_path = config.packs[0]
     generator = _generator(config, first_name, config.base, pack=first_path)
@@ -93,7 +93,7 @@ def load_packs(config: ServeConfig, metrics: Metrics) -> dict[str, Entry]:
 
 def _pack(generator: Generator, name: str, path: Any) -> Any:
     try:
-        return generator.load_pack(path)                    # PACKS: validated against the base
+        return generator.load_pack(path)                    # checked against the base (BundleError)
     except NectarError as exc:
         raise ServeError(f"cannot load pack {name} ({path}): {exc}") from None
 

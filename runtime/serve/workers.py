@@ -234,6 +234,6 @@ class Worker:
         """Bind `pack` when another one is active (a base's worker); the milliseconds it took, 0 when none."""
         if pack is None or self.generator.pack is pack:
             return 0.0
-        switch_ms = self.generator.use(pack)                     # PACKS: Generator.use from parts 1-2
+        switch_ms = self.generator.use(pack)                     # rebinds the pack on the same session
         self.metrics.observe("nectar_pack_switch_milliseconds", [switch_ms], backend=self.name)
         return switch_ms

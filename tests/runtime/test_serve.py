@@ -1,6 +1,7 @@
 """nectar_runtime.serve as a real server in a subprocess on 127.0.0.1, queried with the openai client and raw httpx2:
-the same tokens as the Generator and `nectar-export run`, streaming, concurrent clients, every bad request's 4xx in
-OpenAI's error shape, the full queue's 429, disconnects, timeouts, /metrics, start errors and no torch."""
+the same tokens as the Generator and `nectar-export run`, streaming, concurrent clients, two packs on one base
+answering as their single-file bundles, every bad request's 4xx in OpenAI's error shape, the full queue's 429,
+disconnects, timeouts, /metrics, start errors and no torch."""
 
 from __future__ import annotations
 
@@ -397,6 +398,47 @@ def test_sigterm_stops_the_server_with_status_0(hurried):
     assert hurried.proc.wait(30) == 0
 
 
+# --- two packs on one base ---
+
+@pytest.fixture(scope="module")
+def packed(packs, tmp_path_factory):
+    """Two documents' packs on one base: one worker, a pack switch whenever the other one is asked."""
+    log = tmp_path_factory.mktemp("serve-packs") / "server.log"
+    with serving("--base", str(packs["base"]), "--pack", f"manual={packs['manual']}", "--pack",
+                 f"whole={packs['whole']}", "--port", "0", log=log) as served:
+        yield served
+
+
+def test_two_packs_answer_as_their_single_file_bundles(packed, packs, nectar_bundle):
+    single = {"manual": nectar_bundle, "whole": packs["whole_bundle"]}     # the same artifacts, exported whole
+    expected = {}
+    for model, bundle in single.items():
+        with Generator(bundle) as generator:
+            for question in QUESTIONS:
+                expected[model, question] = generator.generate(question, Sampling(max_new_tokens=ANSWER)).text
+    assert all(expected["manual", q] != expected["whole", q] for q in QUESTIONS)
+    client = openai.OpenAI(base_url=f"{packed.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    cards = {m.id: m.model_extra for m in client.models.list()}
+    assert list(cards) == ["manual", "whole"] and {c["kind"] for c in cards.values()} == {"pack"}
+    assert len({c["backend"] for c in cards.values()}) == 1                         # one worker for both
+    switched = ask(client, "whole", QUESTIONS[0], max_tokens=ANSWER, temperature=0)   # "manual" was bound first
+    assert switched.choices[0].message.content == expected["whole", QUESTIONS[0]]
+    assert 0 < switched.usage.model_extra["pack_switch_ms"] < 100
+
+    def one(job: tuple[str, str, bool]) -> str:
+        model, question, stream = job
+        reply = ask(client, model, question, max_tokens=ANSWER, temperature=0, stream=stream)
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
+        return reply.choices[0].message.content
+
+    jobs = [(model, question, i % 3 == 0) for i, (model, question) in enumerate(expected)]
+    with ThreadPoolExecutor(8) as pool:                       # interleaved: the worker switches back and forth
+        assert list(pool.map(one, jobs)) == [expected[model, question] for model, question, _ in jobs]
+    values = metrics(packed.url)
+    assert sample(values, "nectar_pack_switch_milliseconds_count", backend="base:base") >= 2
+
+
 # --- start errors ---
 
 def start(*flags: str) -> subprocess.CompletedProcess:
@@ -404,7 +446,7 @@ def start(*flags: str) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
-def test_start_errors_are_one_line_and_exit_2(nectar_bundle, tmp_path):
+def test_start_errors_are_one_line_and_exit_2(nectar_bundle, packs, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -413,6 +455,8 @@ def test_start_errors_are_one_line_and_exit_2(nectar_bundle, tmp_path):
                  "cannot load a": ("--bundle", f"a={tmp_path}", "--port", "0"),
                  "model ids must be unique": ("--bundle", f"a={nectar_bundle}", "--bundle", f"a={nectar_bundle}"),
                  "--pack needs --base": ("--pack", f"a={tmp_path}"),
+                 "cannot load pack b": ("--base", str(packs["base"]), "--pack", f"a={packs['manual']}", "--pack",
+                                        f"b={nectar_bundle}", "--port", "0"),
                  "nothing to serve": (),
                  "--queue must be": ("--bundle", f"a={nectar_bundle}", "--queue", "-1"),
                  "--timeout must be": ("--bundle", f"a={nectar_bundle}", "--timeout", "nan")}
