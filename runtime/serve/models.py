@@ -73,8 +73,8 @@ def _generator(config: ServeConfig, name: str, path: Any, **pack: Any) -> Genera
 
 
 def load_packs(config: ServeConfig, metrics: Metrics) -> dict[str, Entry]:
-    """One Generator on the base with the first pack bound, every other pack
-    loaded and checked against the base (BundleError), one worker for them all."""
+    """One Generator on the base with the first pack bound, every other pack loaded and checked against the base
+    (BundleError), one worker for them all."""
     from nectar_runtime.pack import resolve                  # the base's Bundle with a pack's numbers
 
     first_name, first_path = config.packs[0]
