@@ -9,7 +9,8 @@ question's, so a crossed answer counts as a mismatch. The queue is sized for the
 is refused; any refusal (429) or other failure is counted, never retried. Latency is a request's whole time and
 TTFT the time to its first text chunk, both from the client. The clients share the machine with the server.
 
-Memory: the server's resident set (VmRSS) once loaded and idle, and its high-water mark (VmHWM) after the run.
+Memory: the server's resident set (VmRSS) right after its ready line, and its high-water mark (VmHWM) after
+the run (ONNX Runtime's arenas grow with the first requests, so the peak is the figure to size a box by).
 Packs: `--base BASE --pack NAME=PACK ...` serves packs on one base instead of (or beside) bundles;
 round-robin over them switches the pack before every request, and the server's own
 nectar_pack_switch_milliseconds histogram gives the switch time. `--pack-counts 1,4,16` starts one server per
@@ -251,8 +252,8 @@ def pack_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
             run_level(server.url, names(args.pack[:count]), 1, max(2 * count, 4), 1)
             switched = server.metric_sum("nectar_pack_switch_milliseconds_count")
             total = server.metric_sum("nectar_pack_switch_milliseconds_sum")
-            rows.append({"packs": count, **loaded, "switches": switched,
-                         "switch_ms_mean": round(total / switched, 3) if switched else None})
+            rows.append({"packs": count, "memory_loaded": loaded, "memory_after": server.memory_mib(),
+                         "switches": switched, "switch_ms_mean": round(total / switched, 3) if switched else None})
         finally:
             server.stop()
     return rows
@@ -290,7 +291,8 @@ def table(result: dict[str, Any]) -> str:
                      f"  {r['latency_ms']['p95']:>6}  {r['ttft_ms']['p50']:>8}  {r['ttft_ms']['p95']:>8}  "
                      f"{r['ok']}/{r['rejected_429']}/{r['failed']}/{r['mismatches']}")
     for r in result.get("pack_memory", []):
-        lines.append(f"{r['packs']} packs: RSS {r['rss_mib']} MiB, switch {r['switch_ms_mean']} ms mean")
+        lines.append(f"{r['packs']} packs: RSS {r['memory_loaded']['rss_mib']} MiB loaded, peak "
+                     f"{r['memory_after']['peak_rss_mib']} MiB; switch {r['switch_ms_mean']} ms mean")
     return "\n".join(lines)
 
 
