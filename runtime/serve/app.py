@@ -200,7 +200,7 @@ async def _chat(state: ServeState, request: Request) -> Response:
     job, channel = _admit(state, entry, body)
     watcher = asyncio.create_task(_watch_disconnect(request, job))
     try:
-        first = await _started(job, channel)
+        await _started(job, channel)
     except BaseException:
         job.cancel.set()
         raise
@@ -209,7 +209,7 @@ async def _chat(state: ServeState, request: Request) -> Response:
     cid = protocol.completion_id()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _stream(job, channel, cid, entry.name, first, include_usage)
+        stream = _stream(job, channel, cid, entry.name, include_usage)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return await _whole(request, job, channel, cid, entry.name)
 
@@ -258,8 +258,7 @@ def _ended_early(job: Job, event: Event | None) -> ApiError:
         return ApiError(504, f"the request took longer than this server's timeout of "
                              f"{job.deadline - job.arrived:.3g} s", code="timeout")
     if isinstance(event, Failed):
-        status = 503 if "stopping" in event.message else 500
-        return ApiError(status, event.message, code="stopping" if status == 503 else "generation_failed")
+        return ApiError(503 if event.code == "stopping" else 500, event.message, code=event.code)
     return ApiError(499, "the client closed the request", code="cancelled")      # nginx's code: nobody reads it
 
 
@@ -278,8 +277,7 @@ async def _whole(request: Request, job: Job, channel: Channel, cid: str, model: 
     return JSONResponse(protocol.completion(cid, model, "".join(texts), event))
 
 
-async def _stream(job: Job, channel: Channel, cid: str, model: str, first: Started,
-                  include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(job: Job, channel: Channel, cid: str, model: str, include_usage: bool) -> AsyncIterator[bytes]:
     """Server-sent chunks: the role, the text deltas, the finish reason, the usage if asked, then [DONE]."""
     try:
         yield protocol.sse(protocol.chunk(cid, model, {"role": "assistant", "content": ""}))

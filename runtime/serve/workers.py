@@ -65,6 +65,7 @@ class Done:
 @dataclass(frozen=True)
 class Failed:
     message: str
+    code: str = "generation_failed"             # or "stopping": the server stopped before it ran
 
 
 Event = Started | Text | Done | Failed
@@ -160,7 +161,7 @@ class Worker:
                 self.current.cancel.set()
             self._cond.notify_all()
         for job in left:
-            job.send(Failed("the server is stopping"))
+            job.send(Failed("the server is stopping", "stopping"))
         if self._thread.is_alive():
             self._thread.join(wait_s)
         if not self._thread.is_alive():
