@@ -13,17 +13,21 @@ attention code. Answer similarity and layer errors are eval's, not measured here
 
     python bench/quality_curve.py --context manual-4k --qa manual-4k --device cuda --work runs/curve
     python bench/quality_curve.py --budgets 0.125 --salient 0,0.25 --recipe quick --work /tmp/c   # a quick look
+    python bench/quality_curve.py --merge runA/quality_curve.json runB/quality_curve.json --out docs/results/x
 
 Writes OUT/quality_curve.json ({"config": ..., "rows": [ROW...]}, ROW = {"budget", "salient", "method",
 "params", "top1", "kl", "repeat_top1", "val_top1", "val_repeat_top1", "qa_accuracy", "qa_agreement",
-"qa_untouched_agreement", "fit_seconds"}) and OUT/quality_curve.png (top-1, KL, repeat top-1 and QA
-accuracy against the memory fraction, one line per method).
+"qa_untouched_agreement", "qa_untouched_accuracy", "fit_seconds"}) and OUT/quality_curve.png (top-1, KL, repeat
+top-1 and QA accuracy against the memory fraction, one line per method). `--merge` joins the rows of runs made
+apart (other budgets, other processes) into one JSON and PNG; it refuses runs of another document, QA set or
+recipe, and a point measured twice.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -80,10 +84,12 @@ def measure(artifact_path: Path, args: argparse.Namespace, loaded: Any) -> dict[
         if qa:
             row.update({"qa_accuracy": qa[name]["qa_accuracy"], "qa_agreement": qa[name]["qa_agreement"],
                         "qa_untouched_agreement": qa[name]["split_agreement"]["untouched"],
+                        "qa_untouched_accuracy": qa[name]["split_accuracy"]["untouched"],
                         "qa_tune_agreement": qa[name]["split_agreement"]["tune"]})
         rows[name] = row
     if qa:
-        rows["full"] = {"qa_accuracy": qa["full"]["qa_accuracy"]}
+        rows["full"] = {"qa_accuracy": qa["full"]["qa_accuracy"],
+                        "qa_untouched_accuracy": qa["full"]["split_accuracy"]["untouched"]}
     del cache, methods
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -116,6 +122,47 @@ def run(args: argparse.Namespace, partial: Path | None = None) -> dict[str, Any]
     return {"config": config, "rows": rows}
 
 
+# what must agree between runs whose rows are merged: the same document, QA set and recipe
+SAME_IN_MERGE = ("context", "context_tokens", "qa", "recipe", "coverage", "ablations")
+
+
+def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result of several runs' rows, in budget order (largest first), each run's config kept."""
+    from nectar_export.errors import NectarError
+
+    first = results[0]["config"]
+    rows: dict[tuple[float, float, str], dict[str, Any]] = {}
+    for result in results:
+        config = result["config"]
+        differ = [key for key in SAME_IN_MERGE if config.get(key) != first.get(key)]
+        if differ:
+            raise NectarError(f"cannot merge runs that differ in {', '.join(differ)}: "
+                              + "; ".join(f"{k} {first.get(k)!r} vs {config.get(k)!r}" for k in differ))
+        for row in result["rows"]:
+            key = (row["budget"], row["salient"], row["method"])
+            if key in rows:
+                raise NectarError(f"budget {key[0]:g}, salient {key[1]:g}, method {key[2]} is in two of the merged runs")
+            rows[key] = row
+    order = sorted(rows, key=lambda k: (-k[0], k[1]))       # stable: methods keep their order within a point
+    return {"config": {**{k: first.get(k) for k in SAME_IN_MERGE}, "merged": [r["config"] for r in results]},
+            "rows": [rows[k] for k in order]}
+
+
+def series(rows: Sequence[dict[str, Any]], key: str) -> dict[str, list[tuple[float, float]]]:
+    """The plotted lines of one metric, as (budget, value) points: one per nectar salient share, and one per other
+    method, which at each budget takes the row of the smallest share measured there (a baseline does not depend
+    on the share, only its size follows Nectar's parameter count a little)."""
+    lines: dict[str, dict[float, tuple[float, float]]] = {}
+    for r in rows:
+        if r["method"] == "full" or r.get(key) is None:
+            continue
+        label = f"nectar (salient {r['salient']:g})" if r["method"] == "nectar" else r["method"]
+        line = lines.setdefault(label, {})
+        if r["budget"] not in line or r["salient"] < line[r["budget"]][0]:
+            line[r["budget"]] = (r["salient"], r[key])
+    return {label: sorted((b, v) for b, (_, v) in line.items()) for label, line in sorted(lines.items())}
+
+
 def plot(result: dict[str, Any], png: Path) -> None:
     import matplotlib
 
@@ -124,16 +171,9 @@ def plot(result: dict[str, Any], png: Path) -> None:
 
     rows = result["rows"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    series = sorted({(r["method"], r["salient"]) for r in rows if r["method"] != "full"})
     for ax, (key, title) in zip(axes.flat, PANELS):
-        for method, share in series:
-            if method != "nectar" and share != min(s for m, s in series if m == method):
-                continue                      # baselines do not depend on the salient share: one line each
-            points = sorted((r["budget"], r[key]) for r in rows
-                            if r["method"] == method and r["salient"] == share and r.get(key) is not None)
-            if points:
-                label = f"nectar (salient {share:g})" if method == "nectar" else method
-                ax.plot(*zip(*points), marker="o", label=label)
+        for label, points in series(rows, key).items():
+            ax.plot(*zip(*points), marker="o", label=label)
         full = [r["qa_accuracy"] for r in rows if r["method"] == "full" and r.get("qa_accuracy") is not None]
         if key == "qa_accuracy" and full:
             ax.axhline(full[0], color="black", linestyle="--", label="full attention")
@@ -152,7 +192,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default")
     p.add_argument("--context", default="manual-4k")
     p.add_argument("--context-tokens", type=int, default=8192, help="Cut the document here (default: all of it).")
-    p.add_argument("--qa", default=None, help="QA file or 'manual-4k'.")
+    p.add_argument("--qa", default=None, help="QA file or a shipped set ('manual-4k', 'license-4k').")
     p.add_argument("--budgets", type=floats, default=list(BUDGETS))
     p.add_argument("--salient", type=floats, default=[0.0],
                    help="Salient exact tokens as fractions of each budget's tokens, e.g. 0,0.25,0.5.")
@@ -161,16 +201,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-coverage", dest="coverage", action="store_false",
                    help="Hold out a fifth of the document's passages instead of training on every one.")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--work", type=Path, required=True, help="Artifacts go here (reused when the config matches).")
+    p.add_argument("--work", type=Path, default=None, help="Artifacts go here (reused when the config matches).")
     p.add_argument("--out", type=Path, default=None, help="Where the JSON and PNG go [default: --work].")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="Fit nothing: join these runs' quality_curve.json rows into OUT's JSON and PNG.")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    from nectar_export.errors import NectarError
+
+    p = parser()
+    args = p.parse_args(argv)
+    if args.merge is None and args.work is None:
+        p.error("--work is required (or --merge)")
     out = args.out or args.work
+    if out is None:
+        p.error("--merge needs --out")
     out.mkdir(parents=True, exist_ok=True)
-    result = run(args, out / "quality_curve.json")
+    try:
+        result = (merge([json.loads(path.read_text()) for path in args.merge]) if args.merge
+                  else run(args, out / "quality_curve.json"))
+    except NectarError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     (out / "quality_curve.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "quality_curve.png")
     print(f"wrote {out / 'quality_curve.json'} and {out / 'quality_curve.png'}")

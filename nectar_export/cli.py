@@ -44,7 +44,8 @@ def main() -> None:
 @click.option("--model", default="default", show_default=True,
               help="'default' (SmolLM2-135M-Instruct), a Hugging Face checkpoint directory or a .gguf file.")
 @click.option("--context", default="default", show_default=True,
-              help="'default' (Python reference manual), a UTF-8 file, or a directory of files.")
+              help="'default' (Python reference manual), a shipped document ('manual-4k', 'license-4k'), a UTF-8 file, "
+                   "or a directory of files.")
 @click.option("--context-tokens", type=int, default=4096, show_default=True,
               help="Context length n: chat prefix plus a deterministic prefix of the document.")
 @click.option("--prompts", type=click.Path(dir_okay=False), default=None,
@@ -96,7 +97,7 @@ def fit(output: str, quick: bool, epochs: int | None, device: str, overwrite: bo
 @click.option("--model", default=None, help="Model to load instead of the one recorded in the artifact.")
 @click.option("--questions", type=int, default=None, help="Use at most this many held-out questions.")
 @click.option("--qa", default=None,
-              help="Also score answers to a QA file (JSONL: question, answer, split; or 'manual-4k', the shipped set).")
+              help="Also score answers to a QA file (JSONL: question, answer, split; or a shipped set: 'manual-4k', 'license-4k').")
 @click.option("--device", default="cpu", show_default=True, help="Where to run: cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @friendly_errors

@@ -12,10 +12,14 @@ from nectar_export.errors import NectarError
 DEFAULT_CONTEXT = "default"
 DATA = Path(__file__).parent / "data"
 # Documents shipped in the package, by name: the whole-document default is the first three topics of the
-# Python manual (assert, assignment, async: 4,020 SmolLM2 tokens), cut from Python 3.11.7's pydoc_data so
+# Python manual (assert, assignment, async: 4,021 SmolLM2 tokens), cut from Python 3.11.7's pydoc_data so
 # the text and its hand-written QA set do not move with the interpreter's patch version.
+# The second, of another kind, is legal text: the licence notices at the head of Pillow 13.0.0's LICENSE file, from
+# its first line to the end of the FreeType licence (4,155 SmolLM2 tokens; data/README.md says why it is a fair case).
 NAMED_CONTEXTS = {"manual-4k": ("python-manual-4k.txt", "the Python reference manual's first three topics "
-                                "(assert, assignment, async), from Python 3.11.7")}
+                                "(assert, assignment, async), from Python 3.11.7"),
+                  "license-4k": ("pillow-license-4k.txt", "the licence notices at the head of Pillow 13.0.0's "
+                                 "LICENSE file (PIL, AOM, Brotli, bzip2, dav1d, FreeType 2 and the FreeType licence)")}
 _DOC = "\u2063NECTAR-DOCUMENT\u2063"
 _QUESTION = "\u2063NECTAR-QUESTION\u2063"
 _PLAIN_TEMPLATE = "\n\nQuestion: {question}\nAnswer:"

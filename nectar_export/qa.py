@@ -20,7 +20,7 @@ from nectar_export.errors import NectarError
 
 DATA = Path(__file__).parent / "data"
 # QA sets shipped in the package, by name (the name of the document they are about, see context.NAMED_CONTEXTS).
-NAMED_QA = {"manual-4k": "python-manual-4k-qa.jsonl"}
+NAMED_QA = {"manual-4k": "python-manual-4k-qa.jsonl", "license-4k": "pillow-license-4k-qa.jsonl"}
 SPLITS = ("tune", "untouched")
 _REQUIRED = {"id": str, "question": str, "answer": str, "split": str}
 _OPTIONAL = {"aliases": (list, "a list of strings"), "evidence": (str, "a string"), "offset": (int, "an integer")}

@@ -23,3 +23,43 @@ def test_measure_reports_every_method_on_the_test_and_validation_splits(whole_ar
     result = {"config": {}, "rows": [{"budget": 0.125, "salient": 0.25, "method": m, **r} for m, r in rows.items()]}
     quality_curve.plot(json.loads(json.dumps(result)), tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def _run(config, points, methods=("nectar", "snapkv")):
+    rows = [{"budget": b, "salient": s, "method": m, "top1": 0.5 + b, "kl": 0.1, "repeat_top1": 0.4,
+             "qa_accuracy": 0.1} for b, s in points for m in methods]
+    return {"config": config, "rows": rows}
+
+
+def test_merge_joins_runs_in_budget_order_and_plots(tmp_path):
+    config = {"context": "manual-4k", "context_tokens": 8192, "qa": "manual-4k", "recipe": "default",
+              "coverage": True, "ablations": True, "budgets": [0.125], "model": "/tmp/a.gguf"}
+    paths = []
+    for name, points in (("old", [(0.125, 0.0), (0.125, 0.5)]), ("new", [(0.03125, 0.0), (0.25, 0.5), (0.25, 0.0)])):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(_run({**config, "model": f"/tmp/{name}.gguf"}, points)))
+        paths.append(path)
+    assert quality_curve.main(["--merge", *map(str, paths), "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged/quality_curve.json").read_text())
+    assert [(r["budget"], r["salient"]) for r in merged["rows"][::2]] == [(0.25, 0.0), (0.25, 0.5), (0.125, 0.0),
+                                                                         (0.125, 0.5), (0.03125, 0.0)]
+    assert [r["method"] for r in merged["rows"][:2]] == ["nectar", "snapkv"]
+    assert [c["model"] for c in merged["config"]["merged"]] == ["/tmp/old.gguf", "/tmp/new.gguf"]
+    assert (tmp_path / "merged/quality_curve.png").stat().st_size > 10_000
+    lines = quality_curve.series(merged["rows"], "top1")     # a baseline's line spans every budget it was measured at
+    assert [b for b, _ in lines["snapkv"]] == [0.03125, 0.125, 0.25]
+    assert [b for b, _ in lines["nectar (salient 0.5)"]] == [0.125, 0.25]
+
+
+def test_merge_refuses_another_document_and_a_point_measured_twice(tmp_path, capsys):
+    config = {"context": "manual-4k", "context_tokens": 8192, "qa": "manual-4k", "recipe": "default",
+              "coverage": True, "ablations": True}
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(_run(config, [(0.125, 0.0)])))
+    b.write_text(json.dumps(_run({**config, "context": "license-4k"}, [(0.25, 0.0)])))
+    c.write_text(json.dumps(_run(config, [(0.125, 0.0)])))
+    assert quality_curve.main(["--merge", str(a), str(b), "--out", str(tmp_path / "o")]) == 2
+    assert "differ in context: context 'manual-4k' vs 'license-4k'" in capsys.readouterr().err
+    assert quality_curve.main(["--merge", str(a), str(c), "--out", str(tmp_path / "o")]) == 2
+    assert "budget 0.125, salient 0, method nectar is in two" in capsys.readouterr().err
+    assert not (tmp_path / "o/quality_curve.json").exists()

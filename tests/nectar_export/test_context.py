@@ -20,6 +20,16 @@ def test_default_document_is_the_python_manual_in_topic_order():
     assert doc.text.startswith('The "assert" statement') and len(doc.text) > 400_000
 
 
+@pytest.mark.parametrize("name, tokens, start", [("manual-4k", 4021, 'The "assert" statement'),
+                                                ("license-4k", 4155, "The Python Imaging Library (PIL) is")])
+def test_named_documents_load_whole_with_their_stated_token_counts(tokenizer, name, tokens, start):
+    doc = load_document(name)
+    assert doc.text.startswith(start) and doc.source.startswith(f"{name}: ")
+    assert len(tokenizer(doc.text, add_special_tokens=False)["input_ids"]) == tokens   # data/README.md's counts
+    context, _ = build_context(tokenizer, doc, None, 8192, 512)
+    assert context.document_tokens == context.document_total_tokens == tokens          # consumed whole
+
+
 def test_directory_context_reads_files_in_sorted_order(tmp_path):
     (tmp_path / "b.md").write_text("second")
     (tmp_path / "a.txt").write_text("first")

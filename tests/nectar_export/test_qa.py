@@ -225,3 +225,30 @@ def test_shipped_questions_span_the_document(shipped):
     shares = [(hi - lo) / len(text) for lo, hi in zip(topics, [*topics[1:], len(text)])]
     for count, share in zip(per_topic, shares):                  # roughly in proportion to each topic's length
         assert abs(count / len(items) - share) < 0.05, (per_topic, shares)
+
+
+# --- the second shipped set, about license-4k ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def license_set():
+    return read_qa("license-4k"), load_document("license-4k").text
+
+
+def test_license_set_size_and_untouched_split(license_set):
+    items, _ = license_set                  # question i is untouched when i = ceil(k * N / 10), k = 1..10
+    n = len(items)
+    assert n >= 30 and [i.id for i in items] == [f"q{k:02d}" for k in range(1, n + 1)]
+    assert {i for i, it in enumerate(items, 1) if it.split == "untouched"} == {-(-k * n // 10) for k in range(1, 11)}
+
+
+def test_license_set_evidence_answers_and_spread(license_set):
+    items, text = license_set
+    for it in items:
+        assert it.evidence and text[it.offset:it.offset + len(it.evidence)] == it.evidence, it.id
+        assert contains(it.evidence, it.answer), it.id
+        assert not any(contains(it.question, ref) for ref in it.references), it.id
+    assert [it.offset for it in items] == sorted(it.offset for it in items)
+    quarters = [sum(4 * it.offset // len(text) == q for it in items) for q in range(4)]
+    untouched = [sum(4 * it.offset // len(text) == q for it in items if it.split == "untouched") for q in range(4)]
+    assert min(quarters) >= 8 and min(untouched) >= 2, (quarters, untouched)
