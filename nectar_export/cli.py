@@ -299,5 +299,14 @@ def bench(args: tuple[str, ...]) -> None:
     sys.exit(subprocess.call([sys.executable, str(script), *args]))
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def serve(args: tuple[str, ...]) -> None:
+    """Serve bundles and packs over an OpenAI-compatible HTTP API (nectar_runtime.serve, torch-free; --help there)."""
+    from nectar_runtime.serve import main as serve_main
+
+    sys.exit(serve_main(list(args), prog="nectar-export serve"))
+
+
 if __name__ == "__main__":
     main()

@@ -36,7 +36,7 @@ class Result:
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)   # answer tokens, a final stop token included
     text: str = ""
-    finish: str = "length"                                # "stop" | "length" | "window"
+    finish: str = "length"                                # "stop" | "length" | "window" | "cancelled"
     prefill_ms: float = 0.0
     token_ms: list[float] = field(default_factory=list)  # one entry per fed answer token
 
@@ -190,12 +190,15 @@ class Generator:
         """Yield the answer's text as it is produced; the full Result is `self.last` afterwards."""
         return self.stream_ids(self.prompt_ids(question), sampling)
 
-    def stream_ids(self, prompt: Sequence[int], sampling: Sampling = Sampling()) -> Iterator[str]:
-        """Like stream, from prompt token ids (already templated)."""
+    def stream_ids(self, prompt: Sequence[int], sampling: Sampling = Sampling(),
+                   cancelled: Callable[[], bool] | None = None) -> Iterator[str]:
+        """Like stream, from prompt token ids (already templated). `cancelled()`, when given, is asked before every
+        one-token step; True ends the answer there with finish "cancelled" (a server's disconnect or timeout)."""
         prompt = self.check_prompt(prompt)
-        return self._loop(prompt, sampling)
+        return self._loop(prompt, sampling, cancelled)
 
-    def _loop(self, prompt: list[int], sampling: Sampling) -> Iterator[str]:
+    def _loop(self, prompt: list[int], sampling: Sampling,
+              cancelled: Callable[[], bool] | None = None) -> Iterator[str]:
         """Prefill, then sample and feed one token per step until a stop token, the limit or the window."""
         result = self.last = Result(prompt_ids=prompt)
         limit = min(sampling.max_new_tokens, self.window - len(prompt) + 1)
@@ -213,6 +216,9 @@ class Generator:
                 yield delta
             if len(result.token_ids) >= limit:
                 result.finish = "length" if limit == sampling.max_new_tokens else "window"
+                break
+            if cancelled is not None and cancelled():
+                result.finish = "cancelled"
                 break
             logits = finite(self.backend.step(np.array([[token]], dtype=np.int64)), len(result.token_ids))
             result.token_ms.append(self.backend.last_step.ms)

@@ -8,9 +8,14 @@ tests/conftest.py.
 from __future__ import annotations
 
 import json
+import os
+import queue
 import re
 import subprocess
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -329,3 +334,70 @@ def dump(data: Any) -> bytes:
     for i, raw in enumerate(raws):
         text = text.replace(json.dumps(f"\x00raw{i}\x00"), raw)
     return text.encode("utf-8", "surrogateescape")
+
+
+# --- the HTTP server (nectar_runtime.serve) in a subprocess, always stopped ---
+
+SERVING = re.compile(r"^serving (http://\S+)/v1 ")
+
+
+@dataclass
+class Served:
+    """A running `python -m nectar_runtime.serve`: its process, base URL (no /v1) and stderr log."""
+
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def serving(*flags: str, log: Path, ready_s: float = 60, python: tuple[str, ...] = (),
+            env: dict[str, str] | None = None) -> Iterator[Served]:
+    """The server started with `flags`, once it printed its ready line (bounded by `ready_s`); SIGTERM, then
+    SIGKILL after 15 s, when the block ends whatever happened. `python` holds interpreter flags (-X importtime),
+    `env` variables added to this process's."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, *python, "-m", "nectar_runtime.serve", *flags],
+                                stdout=subprocess.PIPE, stderr=err, text=True,
+                                env=None if env is None else {**os.environ, **env})
+    try:
+        yield Served(proc, _ready_url(proc, ready_s, log), log)
+    finally:
+        stop_process(proc)
+
+
+def _ready_url(proc: subprocess.Popen, ready_s: float, log: Path) -> str:
+    """The URL of the server's ready line; fails the test when the process exits or is silent for `ready_s`."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def drain() -> None:                    # keeps reading so the pipe never fills
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=drain, daemon=True).start()
+    deadline = time.monotonic() + ready_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
+            pytest.fail(f"the server exited with {proc.wait()}: {log.read_text(errors='replace')[-2000:]}")
+        if match := SERVING.match(line):
+            return match.group(1)
+    pytest.fail(f"the server printed no ready line in {ready_s} s: {log.read_text(errors='replace')[-2000:]}")
+
+
+def stop_process(proc: subprocess.Popen, wait_s: float = 15) -> int:
+    """SIGTERM, then SIGKILL if it is still there after `wait_s`; the exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
