@@ -13,7 +13,13 @@ attention code. Answer similarity and layer errors are eval's, not measured here
 
     python bench/quality_curve.py --context manual-4k --qa manual-4k --device cuda --work runs/curve
     python bench/quality_curve.py --budgets 0.125 --salient 0,0.25 --recipe quick --work /tmp/c   # a quick look
+    python bench/quality_curve.py --budgets 0.125 --salient 0.5 --family quadrature --work runs/curve-q
     python bench/quality_curve.py --merge runA/quality_curve.json runB/quality_curve.json --out docs/results/x
+
+`--family quadrature` fits the Nectar heads as the quadrature family (learned key slots) instead of MLP pairs,
+salient tokens and all: a mixture of exact tokens and slots. Its rows are method `nectar_quadrature` only, as
+the exact-token caches of the point are the MLP run's (the same tokens, up to a few parameters of size), so
+the two runs merge.
 
 Writes OUT/quality_curve.json ({"config": ..., "rows": [ROW...]}, ROW = {"budget", "salient", "method",
 "params", "top1", "kl", "repeat_top1", "val_top1", "val_repeat_top1", "qa_accuracy", "qa_agreement",
@@ -43,10 +49,11 @@ def fit_point(args: argparse.Namespace, budget: float, salient_share: float, out
     from nectar_export.config import FitConfig
     from nectar_export.fit import run_fit
 
-    # the ablations are baselines of the budget, fitted once per budget (beside the run without salient tokens)
+    # the ablations are baselines of the budget, fitted once per budget (beside the MLP run without salient tokens)
+    ablations = args.ablations and not salient_share and args.family == "mlp"
     config = FitConfig.recipe(args.recipe, context=args.context, model=args.model, budget=budget,
-                              context_tokens=args.context_tokens, ablations=args.ablations and not salient_share,
-                              salient=salient_share, coverage=args.coverage)
+                              context_tokens=args.context_tokens, ablations=ablations,
+                              salient=salient_share, coverage=args.coverage, family=args.family)
     if (out / "nectar.json").is_file() and read_manifest(out).config == config:
         return read_manifest(out).fit
     return run_fit(config, out, args.device, overwrite=True)
@@ -110,13 +117,16 @@ def run(args: argparse.Namespace, partial: Path | None = None) -> dict[str, Any]
             fit = fit_point(args, budget, share, out)
             fit_seconds = round(time.perf_counter() - start, 1)
             measured = measure(out, args, loaded)
+            if args.family != "mlp":            # the point's exact caches are the MLP run's (see the docstring)
+                measured = {f"nectar_{args.family}": measured["nectar"]}
             for method, row in measured.items():
                 params = fit["variants"].get(method, {}).get("params", fit["nectar_params"])
                 rows.append({"budget": budget, "salient": share, "method": method,
                              "params_over_kv": round(params / fit["kv_entries"], 5), **row,
-                             "fit_seconds": fit_seconds if method == "nectar" else None})
+                             "fit_seconds": fit_seconds if method.startswith("nectar") else None})
+            nectar = next(m for m in measured if m.startswith("nectar"))
             print(json.dumps({"budget": budget, "salient": share,
-                              "nectar": measured["nectar"], "fit_seconds": fit_seconds}), flush=True)
+                              nectar: measured[nectar], "fit_seconds": fit_seconds}), flush=True)
             if partial is not None:
                 partial.write_text(json.dumps({"config": config, "rows": rows}, indent=2))
     return {"config": config, "rows": rows}
@@ -156,7 +166,8 @@ def series(rows: Sequence[dict[str, Any]], key: str) -> dict[str, list[tuple[flo
     for r in rows:
         if r["method"] == "full" or r.get(key) is None:
             continue
-        label = f"nectar (salient {r['salient']:g})" if r["method"] == "nectar" else r["method"]
+        label = (f"{r['method'].replace('_', ' ')} (salient {r['salient']:g})" if r["method"].startswith("nectar")
+                 else r["method"])
         line = lines.setdefault(label, {})
         if r["budget"] not in line or r["salient"] < line[r["budget"]][0]:
             line[r["budget"]] = (r["salient"], r[key])
@@ -198,6 +209,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Salient exact tokens as fractions of each budget's tokens, e.g. 0,0.25,0.5.")
     p.add_argument("--recipe", default="default", choices=("default", "quick"))
     p.add_argument("--no-ablations", dest="ablations", action="store_false")
+    p.add_argument("--family", default="mlp", choices=("mlp", "quadrature"),
+                   help="The Nectar heads' family (quadrature: rows are nectar_quadrature only; see above).")
     p.add_argument("--no-coverage", dest="coverage", action="store_false",
                    help="Hold out a fifth of the document's passages instead of training on every one.")
     p.add_argument("--device", default="cpu")

@@ -63,3 +63,26 @@ def test_merge_refuses_another_document_and_a_point_measured_twice(tmp_path, cap
     assert quality_curve.main(["--merge", str(a), str(c), "--out", str(tmp_path / "o")]) == 2
     assert "budget 0.125, salient 0, method nectar is in two" in capsys.readouterr().err
     assert not (tmp_path / "o/quality_curve.json").exists()
+
+
+def test_quadrature_family_point_is_one_row_that_merges_with_the_mlp_run(tiny_ckpt, tmp_path):
+    from nectar_export.context import load_document
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(load_document("manual-4k").text[:1200])
+    common = ["--model", str(tiny_ckpt), "--context", str(doc), "--budgets", "0.25", "--salient", "0.25",
+              "--recipe", "quick", "--no-ablations"]
+    assert quality_curve.main([*common, "--family", "quadrature", "--work", str(tmp_path / "q")]) == 0
+    quad = json.loads((tmp_path / "q/quality_curve.json").read_text())
+    assert [r["method"] for r in quad["rows"]] == ["nectar_quadrature"]
+    assert quad["rows"][0]["fit_seconds"] > 0 and 0.0 <= quad["rows"][0]["top1"] <= 1.0
+    from nectar_export.artifact import read_manifest
+
+    manifest = read_manifest(tmp_path / "q/b0.25-s0.25")
+    assert manifest.config.family == "quadrature" and manifest.context.salient > 0
+    mlp = {"config": quad["config"], "rows": [{**quad["rows"][0], "method": m} for m in ("nectar", "snapkv")]}
+    (tmp_path / "mlp.json").write_text(json.dumps(mlp))
+    assert quality_curve.main(["--merge", str(tmp_path / "mlp.json"), str(tmp_path / "q/quality_curve.json"),
+                               "--out", str(tmp_path / "m")]) == 0
+    lines = quality_curve.series(json.loads((tmp_path / "m/quality_curve.json").read_text())["rows"], "top1")
+    assert set(lines) == {"nectar (salient 0.25)", "nectar quadrature (salient 0.25)", "snapkv"}

@@ -1,6 +1,7 @@
 # call 2 (and a resumed call 3) on the device: assemble the model, then every curve point as its own process on
 # the one GPU; each writes its JSON under /tmp/cv/res, and all of it comes back as one archive in $OUT.
-# usage: bash .gpu/code/run.sh SECONDS POINT...   (POINT = context:budget:salient; DEVICE and EXTRA for a rehearsal)
+# usage: bash .gpu/code/run.sh SECONDS POINT...   (POINT = context:budget:salient[:family]; DEVICE and EXTRA for a
+# rehearsal)
 set -u
 start=$(date +%s); limit=$1; shift
 R=$PWD; C=$R/.gpu/code; T=/tmp/cv; M=$T/stage/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -17,11 +18,11 @@ python3 -c "from nectar_export.models import load_model; m = load_model('$M'); p
 left=$(( limit - ($(date +%s) - start) - 25 ))
 echo "staged in $(( $(date +%s) - start )) s; points get $left s"
 for point in "$@"; do
-  IFS=: read -r ctx budget share <<<"$point"
-  name=$ctx-b$budget-s$share
+  IFS=: read -r ctx budget share family <<<"$point"
+  family=${family:-mlp}; name=$ctx-b$budget-s$share; [ $family = mlp ] || name=$name-$family
   [ -f $T/res/$name/done ] && { echo "$name: done before"; continue; }
   ( timeout -k 5 $left python3 $C/bench/quality_curve.py --model $M --context $ctx --qa $ctx --device ${DEVICE:-cuda} \
-      --budgets $budget --salient $share ${EXTRA:-} --work $T/curve/$ctx --out $T/res/$name > $T/res/$name.log 2>&1
+      --budgets $budget --salient $share --family $family ${EXTRA:-} --work $T/curve/$ctx-$family --out $T/res/$name > $T/res/$name.log 2>&1
     rc=$?; [ $rc = 0 ] && touch $T/res/$name/done; echo "$name: rc $rc at $(( $(date +%s) - start )) s" ) &
 done
 sleep 60; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null; uptime
