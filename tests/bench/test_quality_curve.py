@@ -69,7 +69,7 @@ def test_quadrature_family_point_is_one_row_that_merges_with_the_mlp_run(tiny_ck
     from nectar_export.context import load_document
 
     doc = tmp_path / "doc.txt"
-    doc.write_text(load_document("manual-4k").text[:1200])
+    doc.write_text(load_document("manual-4k").text[:700])
     common = ["--model", str(tiny_ckpt), "--context", str(doc), "--budgets", "0.25", "--salient", "0.25",
               "--recipe", "quick", "--no-ablations"]
     assert quality_curve.main([*common, "--family", "quadrature", "--work", str(tmp_path / "q")]) == 0
