@@ -46,6 +46,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nectar_runtime.heads import WIDTH_ALIGN, carried  # noqa: F401 (WIDTH_ALIGN: the tests read it here)
+
 
 # a fitted pair: any module mapping q [Hkv, N, D] and the softmax scale to (lse [Hkv, N], out [Hkv, N, D]);
 # nectar_export.heads defines them (this package does not import it: dependencies point the other way)
@@ -113,12 +115,6 @@ def rms_norm(hf_norm: nn.Module | None) -> RMSNorm | None:
     return RMSNorm(hf_norm) if hf_norm is not None else None
 
 
-# fp16-exact pre-activation of the constant column a JointPair carries through its layers: silu(16) rounds to 16
-CARRIER = 16.0
-# a JointPair's widths are padded to a multiple of this many columns (16 fp16 = 32 bytes)
-WIDTH_ALIGN = 16
-
-
 class JointPair(nn.Module):
     """An MLP pair's score and target networks run as one network of three batched products and nothing else.
 
@@ -156,38 +152,10 @@ class JointPair(nn.Module):
 def carried_weights(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, w3: torch.Tensor,
                     b3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(w1, b1, w2, w3) of the three-product network equal to silu(silu(q w1 + b1)[:H] w2 + b2) w3 + b3 + skip,
-    skip = (q w1 + b1)[H:] (see JointPair). Computed in float64, returned in w1's dtype."""
-    dtype = w1.dtype
-    w1, b1, w2, b2, w3, b3 = (t.double() for t in (w1, b1, w2, b2, w3, b3))
-    heads, dim, hidden = w1.shape[0], w1.shape[1], w2.shape[1]
-    eye = torch.eye(dim, dtype=torch.float64).expand(heads, dim, dim)
-    zeros = w1.new_zeros
-    c = float(F.silu(torch.tensor(CARRIER, dtype=torch.float64)))        # the constant after each activation
-    carrier_in = torch.cat([zeros(heads, 1, 2 * dim), torch.full((heads, 1, 1), CARRIER / c, dtype=torch.float64)], -1)
-    # layer 1: [hidden, q, -q, CARRIER]
-    big_w1 = torch.cat([w1[..., :hidden], eye, -eye, zeros(heads, dim, 1)], -1)
-    big_b1 = torch.cat([b1[..., :hidden], zeros(heads, 1, 2 * dim), torch.full((heads, 1, 1), CARRIER,
-                                                                                dtype=torch.float64)], -1)
-    # layer 2: rows [silu hidden, silu q, silu -q, c] -> [hidden2, q, -q, CARRIER]
-    pass_q = torch.cat([torch.cat([eye, -eye], -1), torch.cat([-eye, eye], -1)], 1)      # [H, 2D, 2D]
-    big_w2 = torch.cat([
-        torch.cat([w2, zeros(heads, hidden, 2 * dim + 1)], -1),
-        torch.cat([zeros(heads, 2 * dim, w2.shape[-1]), pass_q, zeros(heads, 2 * dim, 1)], -1),
-        torch.cat([b2 / c, carrier_in], -1),
-    ], 1)
-    # layer 3: rows [silu hidden2, silu q, silu -q, c] -> w3 silu(hidden2) + b3 + q skip_w + skip_b
-    skip_w, skip_b = w1[..., hidden:], b1[..., hidden:]
-    big_w3 = torch.cat([w3, skip_w, -skip_w, (b3 + skip_b) / c], 1)
-    # zero padding: a padded column's pre-activation is 0, silu(0) = 0, and padded rows are 0
-    wide, out = _aligned(big_w1.shape[-1]), _aligned(big_w3.shape[-1])
-    big_w1, big_b1 = F.pad(big_w1, (0, wide - big_w1.shape[-1])), F.pad(big_b1, (0, wide - big_b1.shape[-1]))
-    big_w2 = F.pad(big_w2, (0, wide - big_w2.shape[-1], 0, wide - big_w2.shape[-2]))
-    big_w3 = F.pad(big_w3, (0, out - big_w3.shape[-1], 0, wide - big_w3.shape[-2]))
-    return tuple(t.to(dtype) for t in (big_w1, big_b1, big_w2, big_w3))
-
-
-def _aligned(width: int) -> int:
-    return -(-width // WIDTH_ALIGN) * WIDTH_ALIGN
+    skip = (q w1 + b1)[H:] (see JointPair), in w1's dtype: nectar_runtime.heads.carried, which builds a pack's
+    heads at load the same way, so a pack's heads are bit for bit a single-file bundle's."""
+    arrays = (t.detach().double().cpu().numpy() for t in (w1, b1, w2, b2, w3, b3))
+    return tuple(torch.from_numpy(t).to(w1.dtype) for t in carried(*arrays))
 
 
 class NectarHeads(nn.Module):

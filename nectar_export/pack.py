@@ -1,8 +1,8 @@
 """`nectar-export pack`: an artifact's document as a pack for a base bundle (format in nectar_runtime.pack).
 
-A pack holds what the document adds to the base model: every layer's heads in the three-product form the base's
-inputs take (graphs.step.carried_weights, rounded to the base's precision as export rounds its initializers) and
-the exact tokens' KV, prefilled by the model. It is refused before any work when the base is of another model.
+A pack holds what the document adds to the base model: every layer's fitted joint weights (the runtime builds the
+three-product form the base's inputs take from them, nectar_runtime.heads; the weights rounded to the base's
+precision as export rounds its initializers, the biases float32) and the exact tokens' KV, prefilled by the model. It is refused before any work when the base is of another model.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import numpy as np
 
 from nectar_export import __version__
 from nectar_export.errors import NectarError, NectarInternalError
-from nectar_runtime.bundle import Bundle, Source, head_names, load_bundle
-from nectar_runtime.pack import PACK_FILE, PACK_MANIFEST, Layout, Pack, PackManifest, pack_tensors_problem, resolve
+from nectar_runtime.bundle import Bundle, Source, load_bundle
+from nectar_runtime.heads import JOINT_NAMES, carried_width
+from nectar_runtime.pack import (PACK_FILE, PACK_MANIFEST, Layout, Pack, PackManifest, pack_tensors_problem, pair_names,
+                                 resolve)
 
 OWNED = (PACK_MANIFEST, PACK_FILE)
 
@@ -74,7 +76,7 @@ def pack_contents(config: PackConfig, base: Bundle) -> tuple[PackManifest, dict[
     source = Source(artifact=str(Path(config.artifact).expanduser().resolve()), model_source=recorded.model.source,
                     model_fingerprint=loaded.fingerprint, context_sha256=recorded.context.sha256,
                     variant=config.variant, code_version=__version__)
-    widths = tuple(int(tensors[f"nectar_heads.{i}.w1"].shape[-1]) for i in range(len(pairs)))
+    widths = tuple(carried_width(tuple(tensors[f"nectar_pair.{i}.w1"].shape)) for i in range(len(pairs)))
     manifest = PackManifest(layout=Layout.of(base.manifest), n=artifact.n, first_position=artifact.n,
                             max_new_tokens=recorded.max_new_tokens, cached_tokens=cache.n,
                             question_template=recorded.context.question_template, widths=widths, source=source)
@@ -82,20 +84,23 @@ def pack_contents(config: PackConfig, base: Bundle) -> tuple[PackManifest, dict[
 
 
 def head_tensors(pairs: list[Any], base: Bundle) -> dict[str, np.ndarray]:
-    """Every layer's w1, b1, w2, w3 (graphs.step.carried_weights of its MLP pair), rounded to the base's type."""
+    """Every layer's joint weights (JOINT_NAMES): w1, w2, w3 rounded to the base's type, the biases float32.
+
+    The carried form copies the weights (negated at most) and divides the biases by silu(CARRIER), so weights
+    rounded first and biases rounded after that division give the single-file bundle's values exactly."""
     from nectar_graphs.passes import lower_array
-    from nectar_graphs.step import carried_weights
     from nectar_runtime.backends.ort import kv_numpy_dtype
 
     if len(pairs) != base.manifest.layers:
         raise NectarError(f"the artifact has heads for {len(pairs)} layers, base {base.path} has "
                           f"{base.manifest.layers}")
     dtype = kv_numpy_dtype(base.manifest.kv_dtype)
-    names = iter(head_names(len(pairs)))
+    names = iter(pair_names(len(pairs)))
     tensors = {}
     for pair in pairs:
-        for weight in carried_weights(*(t.detach().float() for t in pair.joint_weights())):
-            tensors[next(names)] = lower_array(np.ascontiguousarray(weight.numpy()), dtype)
+        for kind, weight in zip(JOINT_NAMES, pair.joint_weights()):
+            array = np.ascontiguousarray(weight.detach().float().cpu().numpy())
+            tensors[next(names)] = array if kind.startswith("b") else lower_array(array, dtype)
     return tensors
 
 

@@ -6,10 +6,17 @@ inside: each layer's heads are graph inputs instead of initializers (HEAD_TEMPLA
 document adds, a few megabytes beside a base of hundreds:
 
     pack.json            the manifest (fields below)
-    pack.safetensors     the heads, named as the base's head inputs, and the exact tokens' KV [1, Hkv, C, D]
-                         named as the past inputs (absent tensors of the KV when cached_tokens is 0)
+    pack.safetensors     each layer's fitted joint weights, `nectar_pair.{layer}.{w1,b1,w2,b2,w3,b3}`
+                         (nectar_runtime.heads; w1, w2, w3 in the base's float type, the biases in float32),
+                         and the exact tokens' KV [1, Hkv, C, D] named as the past inputs (absent when
+                         cached_tokens is 0)
 
-pack.json, format "nectar-pack/1":
+A pack stores the joint weights, not the carried form the base's head inputs take (about 4x larger, most of it
+zeros and identities): `pack_heads` builds that form at load with nectar_runtime.heads.carried, the function
+export builds a single-file bundle's heads with, so the inputs are bit for bit that bundle's initializers (the
+weights are only copied into the carried form, and the biases, which it divides, stay float32 until then).
+
+pack.json, format "nectar-pack/2" (format 1, which stored the carried form, is refused: re-make the pack):
 
     layout            the base layout it fits (`layout_fingerprint` of the base's manifest) and, for messages, the
                       model fingerprint and precision it stands for
@@ -36,8 +43,9 @@ from nectar_runtime.bundle import (HEAD_PREFIX, HEAD_TEMPLATES, MAX_TOKENS, WIDT
                                    template_problem)
 from nectar_runtime.errors import BundleError
 from nectar_runtime.fields import read_json, write_json
+from nectar_runtime.heads import JOINT_NAMES, carried, carried_width, joint_problem
 
-PACK_FORMAT = "nectar-pack/1"
+PACK_FORMAT = "nectar-pack/2"
 PACK_MANIFEST = "pack.json"
 PACK_FILE = "pack.safetensors"
 # what the base's head inputs mean: JointPair's carried three-product form (graphs/step.py); a change of that
@@ -99,7 +107,8 @@ class PackManifest:
         """Validate every field a reader uses; BundleError names the first bad one."""
         r = _pack_fields(data, where)
         if data.get("format") != PACK_FORMAT:
-            raise BundleError(f"{where} has format {data.get('format')!r:.60}; this runtime reads {PACK_FORMAT}")
+            raise BundleError(f"{where} has format {data.get('format')!r:.60}; this runtime reads {PACK_FORMAT}: "
+                              "re-make the pack with `nectar-export pack`")
         layout = r.child("layout")
         n = r.count("n", 1, MAX_TOKENS)
         template = r.child("template").get("question", str)
@@ -199,19 +208,46 @@ def head_specs(manifest: BundleManifest, widths: tuple[int, ...]) -> dict[str, t
     return shapes
 
 
+def pair_names(layers: int) -> list[str]:
+    """The joint-weight tensors of a pack, layer by layer (JOINT_NAMES each)."""
+    return [f"nectar_pair.{layer}.{name}" for layer in range(layers) for name in JOINT_NAMES]
+
+
 def pack_tensors_problem(bundle: Bundle, tensors: dict[str, Any]) -> str | None:
-    """Why a pack's tensors do not fit its base (a missing or misshapen head or KV tensor), or None."""
+    """Why a pack's tensors do not fit its base (a missing or misshapen joint weight or KV tensor, or heads of
+    another width than pack.json says), or None."""
     m = bundle.manifest
-    want = head_specs(m, bundle.pack.manifest.widths)
+    widths = bundle.pack.manifest.widths
+    for layer in range(m.layers):
+        names = [f"nectar_pair.{layer}.{name}" for name in JOINT_NAMES]
+        if missing := next((name for name in names if name not in tensors), None):
+            return f"it lacks {missing}"
+        w1 = tensors[names[0]]
+        if (problem := joint_problem(*(tensors[name] for name in names))) is not None:
+            return f"layer {layer}'s joint weights are malformed: {problem}"
+        if tuple(w1.shape[:2]) != (m.kv_heads, m.head_dim):
+            return f"it holds {names[0]} of shape {list(w1.shape)}, the base has {m.kv_heads} KV-heads of {m.head_dim}"
+        if (width := carried_width(tuple(w1.shape))) != widths[layer]:
+            return f"it holds {names[0]} of shape {list(w1.shape)}, heads of width {width}; pack.json says {widths[layer]}"
     kv = (1, m.kv_heads, m.cached_tokens, m.head_dim)
-    if m.cached_tokens:
-        want.update({name: kv for name in past_names(m.layers)})
-    for name, shape in want.items():
+    for name in past_names(m.layers) if m.cached_tokens else ():
         if name not in tensors:
             return f"it lacks {name}"
-        if tuple(tensors[name].shape) != tuple(shape):
-            return f"it holds {name} of shape {list(tensors[name].shape)}, the base needs {list(shape)}"
+        if tuple(tensors[name].shape) != kv:
+            return f"it holds {name} of shape {list(tensors[name].shape)}, the base needs {list(kv)}"
     return None
+
+
+def pack_heads(bundle: Bundle, tensors: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """The base's head inputs (HEAD_TEMPLATES per layer, in `dtype`) built from a checked pack's joint weights."""
+    import numpy as np
+
+    heads = {}
+    for layer in range(bundle.manifest.layers):
+        joint = (tensors[f"nectar_pair.{layer}.{name}"] for name in JOINT_NAMES)
+        for template, array in zip(HEAD_TEMPLATES, carried(*joint)):
+            heads[template.format(layer=layer)] = np.ascontiguousarray(array.astype(dtype, copy=False))
+    return heads
 
 
 def is_head_spec(spec: TensorSpec) -> bool:

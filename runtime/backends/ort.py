@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from nectar_runtime.backends.base import Backend, kv_capacity
-from nectar_runtime.bundle import CONTEXT_FILE, Bundle, head_names
+from nectar_runtime.bundle import CONTEXT_FILE, Bundle
 from nectar_runtime.errors import BackendError
 
 
@@ -55,14 +55,13 @@ def load_heads(bundle: Bundle) -> dict[str, np.ndarray]:
     """A base bundle's head inputs from its pack (name -> array in the graph's type); {} for other bundles."""
     if bundle.pack is None:
         return {}
-    from nectar_runtime.pack import pack_tensors_problem
+    from nectar_runtime.pack import pack_heads, pack_tensors_problem
 
     tensors, path, fix = _read_tensors(bundle)
     if (problem := pack_tensors_problem(bundle, tensors)) is not None:
         raise BackendError(f"{path} does not fit the base {bundle.path}: {problem}; {fix}")
-    dtype = kv_numpy_dtype(bundle.manifest.kv_dtype)          # the heads are in the graph's float type
-    names = head_names(bundle.manifest.layers)
-    return {name: np.ascontiguousarray(tensors[name].astype(dtype, copy=False)) for name in names}
+    # the carried form the base's inputs take, in the graph's float type
+    return pack_heads(bundle, tensors, kv_numpy_dtype(bundle.manifest.kv_dtype))
 
 
 def session_options(ort: Any, optimize: bool, profile: str | None) -> Any:

@@ -109,13 +109,51 @@ def test_a_damaged_pack_is_refused(packs, tmp_path):
 
 
 def test_pack_tensors_of_the_wrong_width_are_refused(packs, tmp_path):
-    """A pack.json that claims other widths than its tensors have: the runtime names the tensor."""
+    """A pack.json that claims other widths than its tensors make: the runtime names the tensor and both widths."""
     pack = shutil.copytree(packs["manual"], tmp_path / "pack")
     data = json.loads((pack / PACK_MANIFEST).read_text())
     data["widths"][0] += 16
     (pack / PACK_MANIFEST).write_text(json.dumps(data))
-    with pytest.raises(BackendError, match=r"nectar_heads\.0\.w1 of shape"):
+    with pytest.raises(BackendError, match=r"nectar_pair\.0\.w1 of shape .*heads of width \d+; pack.json says"):
         Generator(packs["base"], pack=pack)
+
+
+def test_a_pack_stores_the_joint_weights_and_builds_the_bundles_heads_bit_for_bit(packs):
+    """The pack holds the fitted joint weights (a fraction of the carried form); the head inputs the runtime builds
+    from them are the single-file bundle's JointPair initializers exactly."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    from nectar_graphs.passes import TRACED_HEADS
+    from nectar_runtime.heads import JOINT_NAMES
+    from nectar_runtime.pack import pack_heads
+
+    bundle = resolve(load_bundle(packs["base"]), load_pack(packs["whole"]))
+    tensors = load_file(str(packs["whole"] / PACK_FILE))
+    assert not any(name.startswith("nectar_heads.") for name in tensors)
+    heads = pack_heads(bundle, tensors, np.float32)
+    model = onnx.load(str(packs["whole_bundle"] / "model.onnx"))
+    initializers = {i.name: numpy_helper.to_array(i, str(packs["whole_bundle"])) for i in model.graph.initializer}
+    joint = carried = 0
+    for layer in range(bundle.manifest.layers):
+        for weight in ("w1", "b1", "w2", "w3"):
+            built, traced = heads[f"nectar_heads.{layer}.{weight}"], initializers[TRACED_HEADS.format(layer=layer,
+                                                                                                        weight=weight)]
+            assert built.dtype == traced.dtype and np.array_equal(built, traced), (layer, weight)
+            carried += built.size
+        joint += sum(tensors[f"nectar_pair.{layer}.{name}"].size for name in JOINT_NAMES)
+    assert joint < carried / 2
+
+
+def test_a_pack_of_the_first_format_is_refused_with_what_to_do(packs, tmp_path):
+    pack = shutil.copytree(packs["manual"], tmp_path / "pack")
+    data = json.loads((pack / PACK_MANIFEST).read_text())
+    data["format"] = "nectar-pack/1"
+    (pack / PACK_MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="reads nectar-pack/2: re-make the pack with `nectar-export pack`"):
+        load_pack(pack)
 
 
 def test_wrong_uses_get_one_clear_error(packs, nectar_bundle, tmp_path):
