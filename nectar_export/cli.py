@@ -117,8 +117,9 @@ def evaluate(artifact: str, model: str | None, questions: int | None, qa: str | 
 @main.command("export")
 @click.argument("artifact", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Weights and arithmetic; RMS normalization and rotary matrices stay fp32.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int4"]), default="fp32", show_default=True,
+              help="Weights and arithmetic; RMS normalization and rotary matrices stay fp32. int4: the base's "
+                   "projections and lm_head as 4-bit weights (ONNX Runtime's MatMulNBits), the rest in fp16.")
 @click.option("--baseline", is_flag=True, help="Export the full-attention graph (context KV as past input) instead.")
 @click.option("--all-logits", is_flag=True, help="Return logits for every new token, not only the last.")
 @click.option("--variant", default="nectar", show_default=True, help="Which head set of the artifact to export.")
@@ -140,7 +141,7 @@ def export_command(artifact: str, output: str, **options: Any) -> None:
     graph = manifest.graph
     click.echo(f"wrote {output}: {manifest.kind} {manifest.precision} graph, "
                f"{manifest.files['model.onnx'].bytes:,} bytes, {sum(graph['op_counts'].values())} nodes; "
-               f"lint: {len(graph['lint']['unsupported_ops'])} operators TensorRT lacks")
+               f"lint: {len(graph['lint']['unsupported_ops']) + len(graph['lint']['custom_domain_ops'])} operators TensorRT lacks")
 
 
 @main.command()

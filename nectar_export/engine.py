@@ -12,7 +12,7 @@ def build_tensorrt(path: Path, profile_text: str | None = None, check_hashes: bo
     """Build model.plan with one optimization profile (batch, new tokens, past) and record it in bundle.json."""
     from nectar_graphs.files import check_writable
     from nectar_graphs.tensorrt import build_engine, default_profile, parse_profile
-    from nectar_runtime.backends.tensorrt import STATIC_REFUSED
+    from nectar_runtime.backends.tensorrt import INT4_REFUSED, STATIC_REFUSED
     from nectar_runtime.bundle import ENGINE_FILE, load_bundle
 
     bundle = load_bundle(path, check_hashes=check_hashes)
@@ -23,6 +23,8 @@ def build_tensorrt(path: Path, profile_text: str | None = None, check_hashes: bo
                           "`nectar-export export ARTIFACT`")
     if manifest.static:
         raise NectarError(STATIC_REFUSED.format(path=bundle.path))
+    if manifest.precision == "int4":
+        raise NectarError(INT4_REFUSED.format(path=bundle.path))
     check_writable(bundle.path)          # the engine goes into the bundle: refuse now, not after the build
     limits = {"batch": 1, "sequence": 128, "past": manifest.max_new_tokens}
     try:

@@ -19,9 +19,11 @@ from nectar_export.prefill import ContextCache, prefill, take
 from nectar_export.samples import pad_id, stop_ids
 from nectar_runtime.bundle import BundleManifest, Source
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int4")
 CACHE_LAYOUTS = ("dynamic", "static")
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# int4: the base's projections as 4-bit weights (graphs/int4.py), everything else (the heads, the KV) in fp16
+FLOAT_PRECISION = {"int4": "fp16"}
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int4": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -98,12 +100,7 @@ def _export(config: ExportConfig, manifest: ArtifactManifest) -> BundleManifest:
     """run_export's stages, with the output held."""
     from nectar_graphs.bundle_writer import io_spec, structure_proto, write_bundle
     from nectar_graphs.lint import lint
-    from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, lift_heads
-
-    # converting before fusing: the fused q|k|v and gate|up copies are made in the low precision
-    passes = [fold_constants, convert_precision(config.precision), fuse_sibling_matmuls, cleanup]
-    if config.base:
-        passes.append(lift_heads)
+    passes = export_passes(config)
     stage = Stages(["torch.onnx.export", *[p.__name__ for p in passes], "lint", "write"])
     try:
         traced = trace_step(config, manifest, stage)
@@ -124,6 +121,23 @@ def _export(config: ExportConfig, manifest: ArtifactManifest) -> BundleManifest:
                             context_kv, config.overwrite)
     finally:
         stage.close()
+
+
+def export_passes(config: ExportConfig) -> list[Any]:
+    """The passes from the traced graph to the bundle's, in order."""
+    from nectar_graphs.int4 import quantize_int4
+    from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, lift_heads
+
+    floats = FLOAT_PRECISION.get(config.precision, config.precision)
+    # converting before fusing: the fused q|k|v and gate|up copies are made in the low precision; quantizing
+    # after it: a fused product is one MatMulNBits, whose blocks run along K and so never mix q, k and v
+    passes = [fold_constants, convert_precision(floats), fuse_sibling_matmuls]
+    if config.precision == "int4":
+        passes.append(quantize_int4())
+    passes.append(cleanup)
+    if config.base:
+        passes.append(lift_heads)
+    return passes
 
 
 def trace_step(config: ExportConfig, manifest: ArtifactManifest, stage: Stages) -> Traced:

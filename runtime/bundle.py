@@ -16,7 +16,8 @@ bundle.json, format "nectar-bundle/2" ("nectar-bundle/1" still loads: its `conte
                       Nectar graph with no document: heads are graph inputs, a pack supplies them and the exact
                       tokens' KV; its n, first_position, cached_tokens, window and template are 0, 0, 0, a default
                       and "{question}" until a pack gives its own: see nectar_runtime.pack)
-    precision         "fp32" | "fp16" | "bf16"; kv_dtype: numpy-style name of the KV I/O type
+    precision         "fp32" | "fp16" | "bf16" | "int4" (the base's projections as ONNX Runtime's 4-bit MatMulNBits,
+                      everything else fp16: graphs/int4.py); kv_dtype: numpy-style name of the KV I/O type
     cache_layout      "dynamic" (the past grows each step) or "static" (fixed buffers written in place)
     n                 context tokens; first_position: position of the first new token (= n)
     cached_tokens     tokens whose KV is in context.safetensors (see above); `fit --context-tokens` is n, not this
@@ -56,7 +57,7 @@ CONTEXT_FILE = "context.safetensors"
 ENGINE_FILE = "model.plan"
 KINDS = ("nectar", "full", "base")
 LAYOUTS = ("dynamic", "static")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int4")
 KV_DTYPES = ("float32", "float16", "bfloat16")
 DTYPES = (*KV_DTYPES, "float64", "int64", "int32", "int16", "int8", "uint8", "bool")    # of graph inputs and outputs
 LOGITS = ("last", "all")

@@ -16,7 +16,9 @@ of one step is, byte for byte, the contiguous past of the next, so the cache nev
 only the logits come back.
 
 Static-cache bundles (`export --cache static`) are refused when the backend is made (STATIC_REFUSED), and so are
-they by `nectar-export build`: their step writes each KV buffer in place, bound as both input and output.
+they by `nectar-export build`: their step writes each KV buffer in place, bound as both input and output. So are
+int4 bundles (INT4_REFUSED): their weights are ONNX Runtime's com.microsoft MatMulNBits, which TensorRT's ONNX parser
+does not read (TensorRT takes int4 weights as DequantizeLinear blocks, a different graph).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ TRT_INSTALL = ("TensorRT is not installed: pip install tensorrt (from NVIDIA's i
 STATIC_REFUSED = ("{path} has the static cache layout, which the TensorRT builder and backend do not support (its "
                   "step writes the KV buffers in place, and TensorRT does not bind one tensor as both input and "
                   "output); export the bundle with --cache dynamic for TensorRT, or run this one with --backend ort-cuda")
+INT4_REFUSED = ("{path} holds int4 weights as ONNX Runtime's MatMulNBits (a com.microsoft operator), which TensorRT's "
+                "ONNX parser does not read; export the bundle with --precision fp16 for TensorRT, or run this one "
+                "with --backend ort-cuda or ort-cpu")
 CUDA_INSTALL = ("cuda-python is not installed: pip install cuda-python (major version matching the CUDA driver, "
                 "e.g. cuda-python>=13 for CUDA 13), or run the bundle with an ONNX Runtime backend")
 
@@ -69,6 +74,8 @@ class TensorRTBackend(Backend):
         super().__init__(bundle)
         if bundle.static:
             raise BackendError(STATIC_REFUSED.format(path=bundle.path))
+        if bundle.manifest.precision == "int4":
+            raise BackendError(INT4_REFUSED.format(path=bundle.path))
         self._trt: Any = None
         self._cudart: Any = None
         self._engine: Any = None
