@@ -164,7 +164,7 @@ def unreached(search: BudgetSearch, result: SearchResult) -> str:
     tried = ", ".join(f"{b:.4g}: {'too small' if s is None else f'{s:.4f}'}" for b, s in sorted(result.trials))
     more = "raise --max-fits, " if result.stop == "max_fits" else ""
     return (f"no budget in [{search.low:.4g}, {search.high:.4g}] reaches validation top-1 {search.target} "
-            f"in {result.fits} fits (budget: top-1 {tried}); nothing was written: {more}lower --target-agreement "
+            f"in {result.fits} fit{'' if result.fits == 1 else 's'} (budget: top-1 {tried}); nothing was written: {more}lower --target-agreement "
             "or raise the --budget-range's upper end")
 
 
