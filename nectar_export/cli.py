@@ -50,8 +50,9 @@ def main() -> None:
               help="Context length n: chat prefix plus a deterministic prefix of the document.")
 @click.option("--prompts", type=click.Path(dir_okay=False), default=None,
               help="Extra training questions: one per line, or JSONL with a 'prompt' field.")
-@click.option("--budget", type=float, default=0.125, show_default=True,
-              help="Parameters as a fraction of the context's KV entries (2*n*d per layer and KV-head).")
+@click.option("--budget", type=float, default=None,
+              help="Parameters as a fraction of the context's KV entries (2*n*d per layer and KV-head).  "
+                   "[default: 0.125]")
 @click.option("--head-params", type=int, default=None,
               help="Parameters per layer and KV-head, exact tokens included, whatever n is (replaces --budget): "
                    "heads of one size, so per-token cost does not depend on n.")
@@ -73,23 +74,65 @@ def main() -> None:
 @click.option("--ablations/--no-ablations", default=True, show_default=True,
               help="Also fit the quadrature and uniform-allocation baselines at equal parameters.")
 @click.option("--quick", is_flag=True, help="Fewer samples and epochs: a demo in minutes, lower quality.")
+@click.option("--target-agreement", type=float, default=None,
+              help="Size the budget itself: fit at the smallest budget whose validation top-1 agreement with full "
+                   "attention reaches this value in (0, 1), searched in factors of 2 and bisection (replaces "
+                   "--budget and --head-params).")
+@click.option("--budget-range", type=(float, float), default=None,
+              help="With --target-agreement: the budgets searched, LOW HIGH  [default: 0.015625 0.5]")
+@click.option("--max-fits", type=int, default=None,
+              help="With --target-agreement: at most this many fits  [default: 8]")
 @click.option("--device", default="cpu", show_default=True, help="Where to fit: cpu, cuda or cuda:N.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier artifact at -o (never a folder holding other files).")
 @friendly_errors
-def fit(output: str, quick: bool, epochs: int | None, device: str, overwrite: bool, **options: Any) -> None:
+def fit(output: str, quick: bool, epochs: int | None, device: str, overwrite: bool, target_agreement: float | None,
+        budget_range: tuple[float, float] | None, max_fits: int | None, **options: Any) -> None:
     """Fit Nectar heads for a model and a document and write the artifact."""
     from nectar_export.config import FitConfig
 
-    config = FitConfig.recipe("quick" if quick else "default", **options)
+    search = budget_search(target_agreement, budget_range, max_fits, options)
+    config = FitConfig.recipe("quick" if quick else "default",
+                              **{k: v for k, v in options.items() if k != "budget" or v is not None})
     if epochs is not None:
         config = dataclasses.replace(config, epochs=epochs)
 
-    from nectar_export.fit import run_fit
+    if search is None:
+        from nectar_export.fit import run_fit
 
-    metrics = run_fit(config, Path(output), device, overwrite)
+        metrics = run_fit(config, Path(output), device, overwrite)
+    else:
+        from nectar_export.fit_target import run_fit_to_target
+
+        metrics = run_fit_to_target(config, search, Path(output), device, overwrite)
+        log = metrics["budget_search"]
+        click.echo(f"chose budget {log['chosen_budget']:.4g} in {log['fits']} fits: validation top-1 "
+                   f"{log['chosen_val_top1']:.4f} >= {log['target_agreement']}; test top-1 {log['test_top1']:.4f} "
+                   f"({log['test_minus_target']:+.4f} from the target)")
     click.echo(f"wrote {output}: {metrics['nectar_params']:,} parameters for {metrics['kv_entries']:,} KV entries "
                f"({metrics['params_over_kv']:.3f}); fitting took {metrics['fit_seconds']:.0f} s")
+
+
+def budget_search(target: float | None, budget_range: tuple[float, float] | None, max_fits: int | None,
+                  options: dict[str, Any]) -> Any:
+    """fit's budget search settings (nectar_export.budget_search.BudgetSearch), or None without --target-agreement;
+    refuses the flags that do not go together."""
+    from nectar_export.budget_search import BudgetSearch
+
+    if target is None:
+        given = [flag for flag, value in (("--budget-range", budget_range), ("--max-fits", max_fits)) if value is not None]
+        if given:
+            raise NectarError(f"{' and '.join(given)} only {'go' if len(given) > 1 else 'goes'} with --target-agreement")
+        return None
+    given = [flag for flag, key in (("--budget", "budget"), ("--head-params", "head_params")) if options[key] is not None]
+    if given:
+        raise NectarError(f"--target-agreement sizes the budget itself; drop {' and '.join(given)}")
+    settings: dict[str, Any] = {"target": target}
+    if budget_range is not None:
+        settings["low"], settings["high"] = budget_range
+    if max_fits is not None:
+        settings["max_fits"] = max_fits
+    return BudgetSearch(**settings)
 
 
 @main.command("eval")

@@ -11,9 +11,9 @@ import torch
 
 from nectar_export.artifact import ArtifactManifest, ContextRecord, HeldOut, ModelRecord, check_output, save_artifact
 from nectar_export.capacity import allocate, linear_probe_error
-from nectar_export.queries import LayerData, collect, targets
+from nectar_export.queries import LayerData, Queries, collect, targets
 from nectar_export.config import FitConfig
-from nectar_export.context import build_context, load_document
+from nectar_export.context import Context, build_context, load_document
 from nectar_export.errors import NectarError
 from nectar_export.train import TrainSettings, fit_pairs
 from nectar_export.heads import MLPPair, Pair, QuadraturePair, build_pair, pair_params
@@ -90,6 +90,47 @@ class LayerSets:
     mass: list[torch.Tensor]      # per layer [Hkv, n]: mean softmax weight of each context token, training queries
 
 
+@dataclass
+class Loaded:
+    """The model on its device and the context built for it: what fit checks the budget against before any work."""
+
+    loaded: LoadedModel
+    context: Context
+    doc_ids: list[int]
+    max_positions: int
+    device: str
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return model_shape(self.loaded.model)
+
+
+@dataclass
+class Recorded:
+    """What does not depend on the budget: the model, the context and its cache, the samples, and the train and
+    validation queries recorded under full attention with their attention mass. The budget only moves the exact
+    tokens (window and salient ones scale with it), hence the targets, the difficulty and the fit."""
+
+    base: Loaded
+    cache: ContextCache
+    samples: SampleSet
+    queries: dict[str, list[Queries]]
+    mass: list[torch.Tensor]
+    scaling: float
+
+    @property
+    def model(self) -> Any:
+        return self.base.loaded.model
+
+    @property
+    def context(self) -> Context:
+        return self.base.context
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return self.base.shape
+
+
 def run_fit(config: FitConfig, out: Path, device: str = "cpu", overwrite: bool = False) -> dict[str, Any]:
     """The whole fitting pipeline; writes the artifact to out and returns its manifest's metrics.
 
@@ -104,73 +145,72 @@ def run_fit(config: FitConfig, out: Path, device: str = "cpu", overwrite: bool =
 def _run_fit(config: FitConfig, out: Path, device: str, overwrite: bool) -> dict[str, Any]:
     """run_fit's stages, with `out` held."""
     check_output(out, overwrite)
+    clock = Stopwatch()
+    base = load(config, device, clock)
+    budget = layer_budget(config, base.context.n, base.shape["head_dim"])
+    recorded = record(config, base, clock)
+    sets = layer_sets(recorded, config, clock)
+    heads, reports = fit_variants(config, sets, budget, recorded.shape, recorded.cache, clock)
+    return write(out, overwrite, config, recorded, sets, heads, reports, clock)
+
+
+def load(config: FitConfig, device: str, clock: Stopwatch) -> Loaded:
+    """Seed, load the model onto the device and build the context."""
     dev = check_device(device)
     torch.manual_seed(config.seed)
-    clock = Stopwatch()
     loaded: LoadedModel = clock.run("load_model", lambda: load_model(config.model))
-    model, tokenizer = loaded.model.to(dev), loaded.tokenizer
-    document = load_document(config.context)
-    max_positions = int(model.config.max_position_embeddings)
-    context, doc_ids = build_context(tokenizer, document, config.context_tokens, max_positions, config.reserve)
-    shape = model_shape(model)
-    budget = layer_budget(config, context.n, shape["head_dim"])
+    loaded.model.to(dev)
+    max_positions = int(loaded.model.config.max_position_embeddings)
+    context, doc_ids = build_context(loaded.tokenizer, load_document(config.context), config.context_tokens,
+                                     max_positions, config.reserve)
+    return Loaded(loaded, context, doc_ids, max_positions, str(dev))
+
+
+def record(config: FitConfig, base: Loaded, clock: Stopwatch) -> Recorded:
+    """Prefill the context, build the samples, and record the train and validation queries and their mass."""
+    model, context = base.loaded.model, base.context
     cache = clock.run("prefill", lambda: prefill(model, context.ids))
-    samples: SampleSet = clock.run("samples", lambda: build_samples(model, tokenizer, context, doc_ids,
-                                                                    cache.exact(), config))
-    sets = layer_sets(model, cache, samples, config, context.n, shape["head_dim"], clock)
-    heads, reports = fit_variants(config, sets, budget, shape, cache, clock)
-    kv_entries = 2 * context.n * shape["head_dim"] * shape["kv_heads"] * shape["layers"]
-    metrics = {"nectar_params": reports["nectar"]["params"], "kv_entries": kv_entries,
-               "params_over_kv": round(reports["nectar"]["params"] / kv_entries, 5),
-               "layer_difficulty": [round(d, 5) for d in sets.difficulty], "variants": reports,
-               "seconds": clock.seconds, "device": str(dev),
-               "fit_seconds": round(sum(v for k, v in clock.seconds.items() if not k.startswith("fit_")), 1),
-               "samples": samples.counts()}
-    model_record = ModelRecord(source=config.model, fingerprint=loaded.fingerprint,
-                               model_type=model.config.model_type, **shape, scaling=sets.scaling,
-                               max_positions=max_positions)
-    context_record = ContextRecord(source=context.source, sha256=context.sha256, n=context.n, sinks=config.sinks,
-                                   window=config.window_tokens(context.n, shape["head_dim"]),
-                                   salient=config.salient_tokens(context.n, shape["head_dim"]),
-                                   document_tokens=context.document_tokens,
-                                   document_total_tokens=context.document_total_tokens, prefix_text=context.prefix_text,
-                                   question_template=context.question_template)
-    manifest = ArtifactManifest(model=model_record, context=context_record, max_new_tokens=config.reserve,
-                                config=config, fit=metrics)
-    heldout = HeldOut(context_ids=tuple(context.ids), test=tuple(samples.splits["test"]),
-                      val=tuple(samples.splits["val"]))
-    heads = {variant: [pair.cpu() for pair in pairs] for variant, pairs in heads.items()}
-    save_artifact(out, manifest, heads, heldout, overwrite, mass=sets.mass)
-    return metrics
-
-
-def layer_sets(model: Any, cache: ContextCache, samples: SampleSet, config: FitConfig, n: int, dim: int,
-               clock: Stopwatch) -> LayerSets:
-    """Collect the train and validation queries, their exact targets, and each layer's difficulty."""
+    samples: SampleSet = clock.run("samples", lambda: build_samples(model, base.loaded.tokenizer, context,
+                                                                    base.doc_ids, cache.exact(), config))
     scaling = float(model.model.layers[0].self_attn.scaling)
     queries = {split: clock.run("collect", lambda: collect(model, cache, samples.splits[split], desc=f"{split} queries"))
                for split in ("train", "val")}
     mass = clock.run("attention_mass", lambda: attention_mass(queries["train"], cache, scaling))
+    return Recorded(base, cache, samples, queries, mass, scaling)
+
+
+def layer_sets(recorded: Recorded, config: FitConfig, clock: Stopwatch) -> LayerSets:
+    """The budget's exact tokens, the exact targets of the recorded queries, and each layer's difficulty."""
+    n, dim, cache = recorded.context.n, recorded.shape["head_dim"], recorded.cache
+    mass, scaling = recorded.mass, recorded.scaling
     exact = exact_sets(n, config.sinks, config.window_tokens(n, dim), config.salient_tokens(n, dim), mass, len(mass),
                        cache.keys[0].device)
-    train = clock.run("targets", lambda: targets(queries["train"], cache, exact, scaling, desc="train targets"))
-    val = clock.run("targets", lambda: targets(queries["val"], cache, exact, scaling, desc="val targets"))
+    train = clock.run("targets", lambda: targets(recorded.queries["train"], cache, exact, scaling, desc="train targets"))
+    val = clock.run("targets", lambda: targets(recorded.queries["val"], cache, exact, scaling, desc="val targets"))
     difficulty = clock.run("allocate", lambda: [linear_probe_error(t, v) for t, v in zip(train, val)])
     return LayerSets(train, val, exact, scaling, difficulty, mass)
 
 
-def fit_variants(config: FitConfig, sets: LayerSets, budget: int, shape: dict[str, int], cache: ContextCache,
-                 clock: Stopwatch) -> tuple[dict[str, list[Pair]], dict[str, Any]]:
-    """Fit the 'nectar' heads and, with ablations on, the quadrature and uniform-allocation baselines."""
-    settings = TrainSettings(config.epochs, config.batch_size, config.lr, config.patience, config.seed)
+def variant_plans(config: FitConfig) -> dict[str, tuple[str, str]]:
+    """Per head variant, its (family, allocation): 'nectar' and, with ablations on, the two baselines."""
     plans = {"nectar": (config.family, config.allocation)}
     if config.ablations:
         plans["quadrature"] = ("quadrature", config.allocation)
         plans["uniform_allocation"] = (config.family, "uniform")
+    return plans
+
+
+def fit_variants(config: FitConfig, sets: LayerSets, budget: int, shape: dict[str, int], cache: ContextCache,
+                 clock: Stopwatch, only: Sequence[str] | None = None) -> tuple[dict[str, list[Pair]], dict[str, Any]]:
+    """Fit the 'nectar' heads and, with ablations on, the quadrature and uniform-allocation baselines, in that
+    order (`only`: just these of them)."""
+    settings = TrainSettings(config.epochs, config.batch_size, config.lr, config.patience, config.seed)
     heads: dict[str, list[Pair]] = {}
     reports: dict[str, Any] = {}
     exact = sets.exact
-    for variant, (family, allocation) in plans.items():
+    for variant, (family, allocation) in variant_plans(config).items():
+        if only is not None and variant not in only:
+            continue
         budgets = allocate(sets.difficulty, budget) if allocation == "adaptive" else [budget] * len(sets.train)
         pairs = make_pairs(family, budgets, shape, cache, exact, sets.train, config.seed)
         stage = "fit" if variant == "nectar" else f"fit_{variant}"
@@ -184,3 +224,35 @@ def fit_variants(config: FitConfig, sets: LayerSets, budget: int, shape: dict[st
             "epochs_by_layer": [r["epochs"] for r in fit_report],
         }
     return heads, reports
+
+
+def write(out: Path, overwrite: bool, config: FitConfig, recorded: Recorded, sets: LayerSets,
+          heads: dict[str, list[Pair]], reports: dict[str, Any], clock: Stopwatch,
+          extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build the manifest (`extra`: more entries for its fit metrics) and save the artifact atomically; returns
+    the fit metrics."""
+    context, shape, model = recorded.context, recorded.shape, recorded.model
+    kv_entries = 2 * context.n * shape["head_dim"] * shape["kv_heads"] * shape["layers"]
+    metrics = {"nectar_params": reports["nectar"]["params"], "kv_entries": kv_entries,
+               "params_over_kv": round(reports["nectar"]["params"] / kv_entries, 5),
+               "layer_difficulty": [round(d, 5) for d in sets.difficulty], "variants": reports,
+               "seconds": clock.seconds, "device": recorded.base.device,
+               "fit_seconds": round(sum(v for k, v in clock.seconds.items() if not k.startswith("fit_")), 1),
+               "samples": recorded.samples.counts(), **(extra or {})}
+    model_record = ModelRecord(source=config.model, fingerprint=recorded.base.loaded.fingerprint,
+                               model_type=model.config.model_type, **shape, scaling=sets.scaling,
+                               max_positions=recorded.base.max_positions)
+    context_record = ContextRecord(source=context.source, sha256=context.sha256, n=context.n, sinks=config.sinks,
+                                   window=config.window_tokens(context.n, shape["head_dim"]),
+                                   salient=config.salient_tokens(context.n, shape["head_dim"]),
+                                   document_tokens=context.document_tokens,
+                                   document_total_tokens=context.document_total_tokens, prefix_text=context.prefix_text,
+                                   question_template=context.question_template)
+    manifest = ArtifactManifest(model=model_record, context=context_record, max_new_tokens=config.reserve,
+                                config=config, fit=metrics)
+    samples = recorded.samples
+    heldout = HeldOut(context_ids=tuple(context.ids), test=tuple(samples.splits["test"]),
+                      val=tuple(samples.splits["val"]))
+    heads = {variant: [pair.cpu() for pair in pairs] for variant, pairs in heads.items()}
+    save_artifact(out, manifest, heads, heldout, overwrite, mass=sets.mass)
+    return metrics
