@@ -6,7 +6,7 @@ MatMulNBitsQuantizer` (its default, round-to-nearest algorithm), and the com.mic
 packed tensors it returns replace the product in the graph. One node at a time keeps the memory at the graph plus
 one weight (the quantizer wants an onnx ModelProto; a whole 8B graph as one would be a second copy of every weight).
 
-What is quantized, and how (the choices, measured in docs/RESULTS.md section 13):
+What is quantized, and how (the choices; their effect on SmolLM2 is not measured yet, bench/int4_agreement.py):
 - every nn.Linear of the decoder layers: the fused q|k|v and gate|up products, o_proj and down_proj;
 - lm_head (`Gemm(transB=1)` over the tied or untied output table) as a MatMulNBits of its own: it is a fifth of
   SmolLM2's weights and a step reads all of it; a tied table stays in fp16 for the embedding's Gather, which reads
