@@ -18,8 +18,8 @@ from nectar_export import __version__
 from nectar_export.errors import NectarError, NectarInternalError
 from nectar_runtime.bundle import Bundle, Source, load_bundle
 from nectar_runtime.heads import JOINT_NAMES, carried_width
-from nectar_runtime.pack import (PACK_FILE, PACK_MANIFEST, Layout, Pack, PackManifest, pack_tensors_problem, pair_names,
-                                 resolve)
+from nectar_runtime.pack import (PACK_FILE, PACK_MANIFEST, PAIR_TEMPLATE, Layout, Pack, PackManifest,
+                                 pack_tensors_problem, pair_names, resolve)
 
 OWNED = (PACK_MANIFEST, PACK_FILE)
 
@@ -76,7 +76,8 @@ def pack_contents(config: PackConfig, base: Bundle) -> tuple[PackManifest, dict[
     source = Source(artifact=str(Path(config.artifact).expanduser().resolve()), model_source=recorded.model.source,
                     model_fingerprint=loaded.fingerprint, context_sha256=recorded.context.sha256,
                     variant=config.variant, code_version=__version__)
-    widths = tuple(carried_width(tuple(tensors[f"nectar_pair.{i}.w1"].shape)) for i in range(len(pairs)))
+    widths = tuple(carried_width(tuple(tensors[PAIR_TEMPLATE.format(layer=i, name="w1")].shape))
+                   for i in range(len(pairs)))
     manifest = PackManifest(layout=Layout.of(base.manifest), n=artifact.n, first_position=artifact.n,
                             max_new_tokens=recorded.max_new_tokens, cached_tokens=cache.n,
                             question_template=recorded.context.question_template, widths=widths, source=source)

@@ -77,7 +77,7 @@ def carried(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, w3: 
     skip_w, skip_b = w1[..., hidden:], b1[..., hidden:]
     big_w3 = np.concatenate([w3, skip_w, -skip_w, (b3 + skip_b) / c], 1)
     # zero padding: a padded column's pre-activation is 0, silu(0) = 0, and padded rows are 0
-    wide, out = aligned(big_w1.shape[-1]), aligned(big_w3.shape[-1])
+    wide, out = carried_width(w1.shape), aligned(big_w3.shape[-1])
     big_w1 = np.pad(big_w1, ((0, 0), (0, 0), (0, wide - big_w1.shape[-1])))
     big_b1 = np.pad(big_b1, ((0, 0), (0, 0), (0, wide - big_b1.shape[-1])))
     big_w2 = np.pad(big_w2, ((0, 0), (0, wide - big_w2.shape[-2]), (0, wide - big_w2.shape[-1])))

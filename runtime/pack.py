@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nectar_runtime.bundle import (HEAD_PREFIX, HEAD_TEMPLATES, MAX_TOKENS, WIDTH_AXIS, Bundle, BundleManifest,
+from nectar_runtime.bundle import (HEAD_PREFIX, HEAD_TEMPLATES, MAX_TOKENS, Bundle, BundleManifest,
                                    FileEntry, Source, _files, _source, check_listed_files, inside, past_names,
                                    template_problem)
 from nectar_runtime.errors import BundleError
@@ -48,6 +48,7 @@ from nectar_runtime.heads import JOINT_NAMES, carried, carried_width, joint_prob
 PACK_FORMAT = "nectar-pack/2"
 PACK_MANIFEST = "pack.json"
 PACK_FILE = "pack.safetensors"
+PAIR_TEMPLATE = "nectar_pair.{layer}.{name}"           # a layer's joint weight in pack.safetensors (JOINT_NAMES)
 # what the base's head inputs mean: JointPair's carried three-product form (graphs/step.py); a change of that
 # form changes every layout fingerprint, so no pack of the old form runs on a new base
 HEADS_FORMAT = "joint-mlp/1"
@@ -196,21 +197,9 @@ def resolve(base: Bundle, pack: Pack) -> Bundle:
     return Bundle(path=base.path, manifest=manifest, pack=pack)
 
 
-def head_specs(manifest: BundleManifest, widths: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """Each head input's concrete shape for a pack's widths (the base's specs with the width axes filled)."""
-    specs = {s.name: s for s in manifest.inputs if s.name.startswith(HEAD_PREFIX)}
-    shapes = {}
-    for layer, width in enumerate(widths):
-        axis = WIDTH_AXIS.format(layer=layer)
-        for template in HEAD_TEMPLATES:
-            spec = specs[template.format(layer=layer)]
-            shapes[spec.name] = tuple(width if d == axis else d for d in (spec.shape or ()))
-    return shapes
-
-
 def pair_names(layers: int) -> list[str]:
     """The joint-weight tensors of a pack, layer by layer (JOINT_NAMES each)."""
-    return [f"nectar_pair.{layer}.{name}" for layer in range(layers) for name in JOINT_NAMES]
+    return [PAIR_TEMPLATE.format(layer=layer, name=name) for layer in range(layers) for name in JOINT_NAMES]
 
 
 def pack_tensors_problem(bundle: Bundle, tensors: dict[str, Any]) -> str | None:
@@ -219,7 +208,7 @@ def pack_tensors_problem(bundle: Bundle, tensors: dict[str, Any]) -> str | None:
     m = bundle.manifest
     widths = bundle.pack.manifest.widths
     for layer in range(m.layers):
-        names = [f"nectar_pair.{layer}.{name}" for name in JOINT_NAMES]
+        names = [PAIR_TEMPLATE.format(layer=layer, name=name) for name in JOINT_NAMES]
         if missing := next((name for name in names if name not in tensors), None):
             return f"it lacks {missing}"
         w1 = tensors[names[0]]
@@ -244,11 +233,8 @@ def pack_heads(bundle: Bundle, tensors: dict[str, Any], dtype: Any) -> dict[str,
 
     heads = {}
     for layer in range(bundle.manifest.layers):
-        joint = (tensors[f"nectar_pair.{layer}.{name}"] for name in JOINT_NAMES)
+        joint = (tensors[PAIR_TEMPLATE.format(layer=layer, name=name)] for name in JOINT_NAMES)
         for template, array in zip(HEAD_TEMPLATES, carried(*joint)):
             heads[template.format(layer=layer)] = np.ascontiguousarray(array.astype(dtype, copy=False))
     return heads
 
-
-def is_head_spec(spec: TensorSpec) -> bool:
-    return spec.name.startswith("nectar_heads.")
