@@ -57,17 +57,25 @@ def _logits(model: ir.Model, feeds: dict[str, np.ndarray], kv_dtype: type) -> np
 
 def dequantized(node: ir.Node) -> np.ndarray:
     """The [K, N] weight a MatMulNBits node multiplies by, unpacked from its inputs as ONNX Runtime's contrib-op
-    documentation lays them out: B [N, blocks, block/2] bytes, element 2i in the low nibble; scales [N, blocks];
-    zero points [N, ceil(blocks/2)] packed the same way (8 when absent)."""
+    documentation lays them out: B [N, blocks, block * bits / 8] bytes, for 4 bits element 2i in the low nibble;
+    scales [N, blocks]; zero points either packed like B ([N, ceil(blocks * bits / 8)] bytes) or of the scales'
+    type, one per block ([N, blocks]); 2^(bits - 1) when absent."""
     a = {name: attr.value for name, attr in node.attributes.items()}
+    bits, block = a["bits"], a["block_size"]
     packed, scales = node.inputs[1].const_value.numpy(), node.inputs[2].const_value.numpy().astype(np.float32)
     n, blocks, _ = packed.shape
-    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, a["block_size"]).astype(np.float32)
+    scales = scales.reshape(n, blocks)
+
+    def unpack(raw: np.ndarray) -> np.ndarray:
+        return np.stack([raw & 0x0F, raw >> 4], axis=-1).reshape(*raw.shape[:-1], -1) if bits == 4 else raw
+
+    q = unpack(packed).reshape(n, blocks, block).astype(np.float32)
     if len(node.inputs) > 3:
         zp = node.inputs[3].const_value.numpy()
-        zero = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
+        zero = zp.astype(np.float32).reshape(n, blocks) if zp.dtype != np.uint8 else \
+            unpack(zp.reshape(n, -1))[:, :blocks].astype(np.float32)
     else:
-        zero = np.full((n, blocks), 8.0, np.float32)
+        zero = np.full((n, blocks), 2.0 ** (bits - 1), np.float32)
     weight = ((q - zero[..., None]) * scales[..., None]).reshape(n, -1)[:, :a["K"]]
     return weight.T                                                               # [K, N]
 
@@ -152,3 +160,70 @@ def test_symmetric_blocks_have_no_zero_points(graphs):
     report = quantize_int4(Int4Config(symmetric=True, lm_head=False))(model)
     assert report.counts == {"projection": 8} and report.notes["lm_head (kept in fp16)"] == 1
     assert {len(n.inputs) for n in _nbits(model)} == {3}
+
+
+def _on_grid(shape: tuple[int, int], bits: int, rng: np.random.Generator) -> np.ndarray:
+    """A [K, N] weight as a GGUF stores it, blocks of 32 along K: Q4_1 (bits 4: min + step * q, q in 0..15, both
+    ends used) or Q8_0 (bits 8: step * q, q in -127..127, |q| = 127 used), min and step in fp16 as ggml keeps
+    them, and the weight in fp16 like the graph's copy."""
+    k, n = shape
+    blocks = (n, k // 32, 1)
+    if bits == 4:
+        low, step = (rng.normal(-0.05, 0.01, blocks).astype(np.float16).astype(np.float32),
+                     rng.uniform(0.002, 0.01, blocks).astype(np.float16).astype(np.float32))
+        q = rng.integers(0, 16, (n, k // 32, 32))
+        q[..., 0], q[..., 1] = 0, 15
+        w = low + step * q
+    else:
+        step = rng.uniform(0.0002, 0.001, blocks).astype(np.float16).astype(np.float32)
+        q = rng.integers(-127, 128, (n, k // 32, 32))
+        q[..., 0] = rng.choice([-127, 127], blocks[:2])
+        w = step * q
+    return w.reshape(n, k).T.astype(np.float16)
+
+
+@pytest.mark.parametrize("repack", [True, False])
+def test_weights_already_on_a_gguf_grid_are_repacked_not_rounded_again(graphs, repack):
+    """Projections on a Q4_1 grid and an output table on a Q8_0 grid (what a GGUF source converts to) become
+    MatMulNBits of their own levels (4-bit codes with zero point 0 plus the blocks' lows; for lm_head two 4-bit
+    products, the 8-bit codes' nibbles), each weight back to its fp16 value within its fp16 rounding, and logits within rounding (0.005) of the fp16 graph with those weights. With
+    repack=False ONNX Runtime's quantizer rounds them to its own grid and the logits move by more (measured
+    0.001-0.0015 re-packed, 0.17-0.19 rounded again)."""
+    models, _, feeds = graphs
+    rng = np.random.default_rng(5)
+    model = ir.from_proto(ir.to_proto(models["fp16"]))
+    for node in model.graph:
+        weight = node.inputs[1].const_value if node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 else None
+        if weight is None or ".context" in node.metadata_props.get("pkg.torch.onnx.name_scopes", ""):
+            continue
+        shape = weight.shape.numpy()
+        w = _on_grid(shape[::-1], 8, rng).T if node.op_type == "Gemm" else _on_grid(shape, 4, rng)
+        node.inputs[1].const_value = ir.tensor(w, name=node.inputs[1].name)
+    grid = ir.from_proto(ir.to_proto(model))
+    report = quantize_int4(Int4Config(repack=repack))(model)
+    if not repack:
+        assert report.counts == {"lm_head": 1, "projection": 8}
+    else:
+        assert report.counts == {"lm_head (re-packed 8-bit grid)": 1, "projection (re-packed 4-bit grid)": 8}
+        nodes = {n.name: n for n in model.graph}
+        for source in grid.graph:
+            if source.name + ".int4" not in nodes:
+                continue
+            weight = source.inputs[1].const_value.numpy().astype(np.float32)
+            weight = weight.T if source.op_type == "Gemm" else weight                      # [K, N]
+            parts = [n for name, n in nodes.items() if name.startswith(source.name + ".int4")]
+            nbits = [n for n in parts if n.op_type == "MatMulNBits"]
+            assert {n.attributes["bits"].value for n in nbits} == {4}
+            if source.op_type == "Gemm":      # 8 bits as two 4-bit products: high nibble * 16 step + low nibble
+                assert [n.op_type for n in parts] == ["MatMulNBits", "MatMulNBits", "Add"]
+                unpacked = dequantized(nbits[0]) + dequantized(nbits[1])
+            else:                             # codes * step, plus each block's low times the sum of x over it
+                assert [n.op_type for n in parts] == ["MatMulNBits", "MatMul", "MatMul", "Add"]
+                low = model.graph.initializers[source.name + ".int4_low"].const_value.numpy().astype(np.float32)
+                unpacked = dequantized(nbits[0]) + np.repeat(low, 32, axis=0)
+            err = np.abs(unpacked - weight)
+            # fp16 rounding: of the weight, and of the zero point (2^-11 of the block's min, bounded by its max |w|)
+            block = np.repeat(np.abs(weight).reshape(-1, 32, weight.shape[1]).max(axis=1), 32, axis=0)
+            assert (err <= 2.0 ** -9 * np.abs(weight) + 2.0 ** -10 * block).all(), (source.name, float(err.max()))
+    gap = float(np.abs(_logits(model, feeds, np.float16) - _logits(grid, feeds, np.float16)).max())
+    assert (gap < 0.005) if repack else (gap > 0.02), gap
