@@ -172,6 +172,9 @@ def evaluate(artifact: str, model: str | None, questions: int | None, qa: str | 
 @click.option("--cache", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
               help="KV layout: 'static' keeps fixed KV buffers written in place, so a GPU step can be a CUDA graph.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier bundle at -o (never a folder holding other files).")
+@click.option("--ops", type=click.Choice(["portable", "ort"]), default="portable", show_default=True,
+              help="portable: standard ONNX operators (the TensorRT input); ort: ONNX Runtime's contrib operators "
+                   "(GroupQueryAttention, SkipSimplifiedLayerNormalization, ...), fp32 or fp16, with --cache static.")
 @click.option("--base", is_flag=True,
               help="Write a base bundle: the graph with the heads as inputs and no document inside; documents "
                    "then ship as packs (`nectar-export pack ARTIFACT --base BASE`).")
