@@ -153,10 +153,12 @@ def _eps(norm: Any) -> float:
 
 
 def rotary_caches(rotary: Any, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [positions, D/2] of the model's rotary (its attention scaling included), computed in float64."""
-    inv_freq = rotary.inv_freq.detach().double().cpu().numpy()
+    """cos and sin [positions, D/2] of the model's rotary (its attention scaling included). The angles are rounded to
+    float32 as transformers (and graphs/step.py's Rotary) compute them, position * inv_freq in float32: at position
+    1e5 an angle's float32 rounding moves its cosine by ~4e-3, and the model was run with those angles."""
+    inv_freq = rotary.inv_freq.detach().float().cpu().numpy()
     scaling = float(getattr(rotary, "attention_scaling", 1.0))
-    angles = np.arange(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    angles = (np.arange(positions, dtype=np.float32)[:, None] * inv_freq[None, :]).astype(np.float64)
     return np.cos(angles) * scaling, np.sin(angles) * scaling
 
 
