@@ -394,8 +394,14 @@ class FusedStep:
 
 def build_fused_step(hf_model: Any, pairs: Sequence[Any] | None, precision: str, positions: int) -> ir.Model:
     """The fused static-cache step graph of `hf_model` (Nectar with `pairs`' joint weights, full attention without)
-    in `precision` ("fp32" or "fp16"), with rotary caches for positions 0 .. positions - 1."""
+    in `precision` ("fp32" or "fp16"), with rotary caches for positions 0 .. positions - 1 and up to the next multiple
+    of SLOT_ALIGN: GroupQueryAttention wants at least total_sequence_length rows, the buffer's slot count, which the
+    runtime rounds up to that multiple (nectar_runtime.backends.base.kv_capacity)."""
     import torch
+
+    from nectar_runtime.backends.base import SLOT_ALIGN
+
+    positions = -(-positions // SLOT_ALIGN) * SLOT_ALIGN
 
     joint = None
     if pairs is not None:
