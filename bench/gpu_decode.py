@@ -15,6 +15,9 @@ already under `--work` (so a run cut short by a time limit resumes where it stop
   measure     one fresh subprocess per (engine, n), each the GPU's only user:
                 nectar_ort_cuda / full_ort_cuda: `bench/decode_latency.py --child --backend ort-cuda`
                 hf_static: transformers' own decode with a StaticCache and SDPA (`gpu_reference`)
+                nectar_ort_fused / full_ort_fused: the same on `export --ops ort` bundles (graphs/fused.py:
+                GroupQueryAttention, SkipSimplifiedLayerNormalization, the heads without carried columns); the
+                fused Nectar graph takes one token per call, so its prefill_ms is the question fed token by token
               plus, in this process, the device-to-device copy bandwidth and the floor: the model's weight
               bytes (in the bundle's precision) streamed once at that bandwidth.
 
@@ -29,6 +32,14 @@ engine's process started (nvidia-smi, so the CUDA context and allocator caches c
 every engine). Writes OUT/<shape>.json and OUT/<shape>.png.
 
     python bench/gpu_decode.py --shape qwen3-1.7b --ns 4096,32768,131072 --work /tmp/gpu --out bench/results
+
+The fused rows on the H200 (issue 15 parts 1-2; one device call, resumable: a second call skips what exists):
+    NECTAR_TIMEOUT=580 bash bench/h200.sh --shape qwen3-1.7b --ns 4096,32768,131072 --full-ns 4096,32768,131072 \
+        --engines nectar_ort_fused,full_ort_fused,nectar_ort_cuda,full_ort_cuda --recipe quick --timed-n 0 \
+        --jobs 4 --work /tmp/ng
+then the kernel trace of the fused steps beside the old one (bench/results/step_trace.json):
+    python3 bench/step_trace.py /tmp/ng/qwen3-1.7b-nectar-fused-4096 /tmp/ng/qwen3-1.7b-full-fused-4096 \
+        /tmp/ng/qwen3-1.7b-nectar-fused-131072 --name step_trace_fused --out $OUT
 """
 
 from __future__ import annotations
@@ -47,7 +58,10 @@ from typing import Any, Callable, Sequence
 import gpu_reference        # bench/gpu_reference.py and bench/harness.py: found beside this script
 import harness
 
-ENGINES = ("nectar_ort_cuda", "full_ort_cuda", "hf_static")
+ENGINES = ("nectar_ort_cuda", "full_ort_cuda", "nectar_ort_fused", "full_ort_fused", "hf_static")
+# engine -> (bundle kind, --ops) of the bundles it measures; hf_static runs the checkpoint itself
+BUNDLE_ENGINES = {"nectar_ort_cuda": ("nectar", "portable"), "full_ort_cuda": ("full", "portable"),
+                  "nectar_ort_fused": ("nectar-fused", "ort"), "full_ort_fused": ("full-fused", "ort")}
 STAGES = ("checkpoint", "fit", "export", "measure")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 # --recipe NAME -> the FitConfig recipe and the fields on top. This script's "quick" has always meant heads of
@@ -108,11 +122,12 @@ def fit_one(checkpoint: Path, context: Path, n: int, head_params: int, recipe: s
     return run_fit(fit_config(checkpoint, context, n, head_params, recipe, reserve), out, device=device)
 
 
-def export_one(artifact: Path, out: Path, baseline: bool, precision: str, cache: str, device: str) -> dict[str, Any]:
+def export_one(artifact: Path, out: Path, baseline: bool, precision: str, cache: str, device: str,
+               ops: str = "portable") -> dict[str, Any]:
     from nectar_export.export import ExportConfig, run_export
 
     manifest = run_export(ExportConfig(artifact=artifact, output=out, precision=precision, baseline=baseline,
-                                       device=device, cache=cache))
+                                       device=device, cache="static" if ops == "ort" else cache, ops=ops))
     return {"export_seconds": manifest.graph["export_seconds"], "weight_bytes": manifest.graph["weight_bytes"],
             "bytes": {k: v.bytes for k, v in manifest.files.items()}}
 
@@ -136,9 +151,10 @@ class Exports:
             time.sleep(2)
             self.poll()
 
-    def submit(self, artifact: Path, out: Path, baseline: bool) -> None:
+    def submit(self, artifact: Path, out: Path, baseline: bool, ops: str = "portable") -> None:
         cmd = harness.python_cmd(__file__, "--export-child", artifact, "--bundle", out, "--precision",
-                                 self.args.precision, "--cache", self.args.cache, "--device", self.args.device)
+                                 self.args.precision, "--cache", self.args.cache, "--device", self.args.device,
+                                 "--ops", ops)
         with self.lock:
             self.queued.append((out.name, cmd + (["--baseline"] if baseline else [])))
         self.poll()
@@ -180,13 +196,15 @@ class Exports:
 
 
 def disk_plan(shape: str, overrides: dict[str, Any], ns: list[int], full_ns: set[int], precision: str,
-              head_params: int, tokenizer: Path, work: Path, checkpoint: Path | None) -> dict[str, int]:
+              head_params: int, tokenizer: Path, work: Path, checkpoint: Path | None, fused: Sequence[str] = (),
+              reserve: int = 512) -> dict[str, int]:
     """Bytes the missing checkpoint (None: not made by this run) and bundles will take under --work.
 
     The checkpoint is float32; a bundle holds the weights in `precision` (each parameter once), the tokenizer,
     and for Nectar the heads (`head_params` per layer and KV-head), for full attention the context's KV. The
     heads' share is low: a Qwen3-1.7B Nectar bundle at 131,072 parameters per head was 4% over this estimate
-    (its head weights are padded, their biases and norms kept in float32), hence check_disk's margin.
+    (its head weights are padded, their biases and norms kept in float32), hence check_disk's margin. `fused`
+    names the fused kinds made too ("nectar-fused", "full-fused"): the same plus their rotary caches.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -211,6 +229,9 @@ def disk_plan(shape: str, overrides: dict[str, Any], ns: list[int], full_ns: set
         kinds = {"nectar": head_params * layers * kv_heads * width}
         if n in full_ns:
             kinds["full"] = 2 * layers * kv_heads * head_dim * n * width
+        rotary = (n + reserve) * head_dim * width                # a fused graph's cos and sin caches
+        for kind in [k for k in kinds if f"{k}-fused" in fused]:
+            kinds[f"{kind}-fused"] = kinds[kind] + rotary
         for kind, own in kinds.items():
             bundle = work / f"{shape}-{kind}-{n}"
             if not (bundle / "bundle.json").is_file():
@@ -387,11 +408,18 @@ class Job:
     def artifact(self, n: int) -> Path:
         return self.args.work / f"{self.args.shape}-art-{n}"
 
+    @property
+    def engines(self) -> list[str]:
+        return self.args.engines.split(",")
+
     def bundles(self, n: int) -> dict[str, Path]:
-        """The bundle folder of each ort-cuda engine at n (full attention only at the full n)."""
-        out = {"nectar_ort_cuda": self.args.work / f"{self.args.shape}-nectar-{n}"}
-        if n in self.full_ns:
-            out["full_ort_cuda"] = self.args.work / f"{self.args.shape}-full-{n}"
+        """The bundle folder of each ort-cuda engine at n (full attention only at the full n); the fused ones only
+        when --engines names them."""
+        out = {}
+        for engine, (kind, ops) in BUNDLE_ENGINES.items():
+            if (kind.startswith("full") and n not in self.full_ns) or (ops == "ort" and engine not in self.engines):
+                continue
+            out[engine] = self.args.work / f"{self.args.shape}-{kind}-{n}"
         return out
 
     def save(self) -> None:
@@ -426,8 +454,10 @@ def plan_disk(job: Job) -> None:
     if not job.stages & {"checkpoint", "export"}:
         return
     a = job.args
+    fused = [BUNDLE_ENGINES[e][0] for e in job.engines if e in BUNDLE_ENGINES and BUNDLE_ENGINES[e][1] == "ort"]
     plan = disk_plan(a.shape, job.overrides, job.ns if "export" in job.stages else [], job.full_ns, a.precision,
-                     a.head_params, a.tokenizer, a.work, job.checkpoint if "checkpoint" in job.stages else None)
+                     a.head_params, a.tokenizer, a.work, job.checkpoint if "checkpoint" in job.stages else None,
+                     fused, a.reserve)
     job.state.disk_plan = plan
     check_disk(plan, shutil.disk_usage(a.work).free, a.work)
 
@@ -459,14 +489,15 @@ def stage_export(job: Job, n: int) -> None:
         return
     a = job.args
     for engine, out in job.bundles(n).items():
-        baseline = engine == "full_ort_cuda"
+        kind, ops = BUNDLE_ENGINES[engine]
+        baseline = kind.startswith("full")
         if is_bundle(out):
             continue
         if job.exports is not None:
-            job.exports.submit(job.artifact(n), out, baseline)
+            job.exports.submit(job.artifact(n), out, baseline, ops)
             continue
         result = job.attempt(f"export {out.name}", lambda: export_one(job.artifact(n), out, baseline, a.precision,
-                                                                        a.cache, a.device))
+                                                                        a.cache, a.device, ops))
         if result is not None:
             job.state.export[out.name] = result
 
@@ -488,7 +519,7 @@ def stage_measure(job: Job, n: int) -> None:
     if "measure" not in job.stages:
         return
     done = set() if job.args.remeasure else {(r["engine"], r["n"]) for r in job.state.rows}
-    for engine in job.args.engines.split(","):
+    for engine in job.engines:
         if (engine, n) in done:                           # a resumed run keeps what it measured
             continue
         # exports still running beside this measurement (CPU work only; recorded with the row)
@@ -588,7 +619,7 @@ def plot_report(report: dict[str, Any], png: Path) -> None:
 
 
 def checks(rows: list[dict[str, Any]], floor_ms: float | None) -> dict[str, Any]:
-    """The issue's ratios, from whatever rows exist."""
+    """The issue's ratios, from whatever rows exist (the fused rows' in `fused`, see fused_checks)."""
     at = {(r["engine"], r["n"]): r["ms_per_token"] for r in rows}
     nectar = sorted(n for e, n in at if e == "nectar_ort_cuda")
     out: dict[str, Any] = {}
@@ -603,6 +634,26 @@ def checks(rows: list[dict[str, Any]], floor_ms: float | None) -> dict[str, Any]
             out[f"{other}_over_nectar"] = {"n": n, "ratio": round(at[other, n] / at["nectar_ort_cuda", n], 3)}
     if floor_ms and nectar:
         out["nectar_over_floor"] = {n: round(at["nectar_ort_cuda", n] / floor_ms, 3) for n in nectar}
+    if fused := fused_checks(at, floor_ms):
+        out["fused"] = fused
+    return out
+
+
+def fused_checks(at: dict[tuple[str, int], float], floor_ms: float | None) -> dict[str, Any]:
+    """Issue 15's acceptance ratios for the fused rows: Nectar over the floor at every n and its largest over
+    smallest n, fused full attention over fused Nectar at every common n, and fused over the portable graphs."""
+    nectar = sorted(n for e, n in at if e == "nectar_ort_fused")
+    out: dict[str, Any] = {}
+    if not nectar:
+        return out
+    if floor_ms:
+        out["nectar_over_floor"] = {n: round(at["nectar_ort_fused", n] / floor_ms, 3) for n in nectar}
+    if len(nectar) >= 2:
+        out["nectar_large_over_small"] = round(at["nectar_ort_fused", nectar[-1]] / at["nectar_ort_fused", nectar[0]], 4)
+    for other, key in (("full_ort_fused", "full_over_nectar"), ("nectar_ort_cuda", "portable_nectar_over_fused")):
+        ratios = {n: round(at[other, n] / at["nectar_ort_fused", n], 3) for n in nectar if (other, n) in at}
+        if ratios:
+            out[key] = ratios
     return out
 
 
@@ -641,6 +692,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--export-child", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ops", choices=("portable", "ort"), default="portable", help=argparse.SUPPRESS)
     p.add_argument("--artifact", type=Path, help=argparse.SUPPRESS)
     return p
 
@@ -652,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.export_child:
         print(json.dumps(export_one(args.export_child, args.bundle, args.baseline, args.precision, args.cache,
-                                    args.device)))
+                                    args.device, args.ops)))
         return 0
     if args.replot:
         plot_report(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))

@@ -4,6 +4,10 @@
 # in $OUT (the device tool's output folder) or bench/results, the full log in gpu_decode.log beside them.
 #   bash bench/h200.sh --shape qwen3-1.7b --ns 131072,4096,32768 --full-ns 131072,4096 --recipe quick \
 #       --timed-n 0 --jobs 4 --compile --profile --work /tmp/ng
+# The fused rows of issue 15 (export --ops ort; a second call resumes from the state under --work):
+#   NECTAR_TIMEOUT=580 bash bench/h200.sh --shape qwen3-1.7b --ns 4096,32768,131072 --full-ns 4096,32768,131072 \
+#       --engines nectar_ort_fused,full_ort_fused,nectar_ort_cuda,full_ort_cuda --recipe quick --timed-n 0 \
+#       --jobs 4 --work /tmp/ng
 set -uo pipefail
 out=${OUT:-bench/results}
 mkdir -p "$out" /tmp/pp

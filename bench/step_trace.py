@@ -33,8 +33,10 @@ import harness              # bench/harness.py, beside this script
 HOST_PARTS = ("update_inputs", "run", "fetch_logits")      # what ort-cuda times inside a one-token static step
 STEP_GAP_US = 50.0               # host work between two replays leaves at least this much idle time
 CLASSES = (                      # (class, substrings of the kernel name), first match wins
+    ("attention", ("flash_fwd", "fmha", "xqa", "GroupQueryAttention", "UnpackRoPEAppend")),   # the fused graph's
+    ("rotary", ("Rotary",)),
     ("gemm", ("gemm", "nvjet", "splitKreduce", "cutlass")),
-    ("norm", ("LayerNorm",)),
+    ("norm", ("LayerNorm", "RMSNorm")),
     ("softmax", ("softmax",)),
     ("split_concat", ("Split", "Concat")),
     ("scatter_gather", ("Scatter", "Gather")),

@@ -169,9 +169,13 @@ def evaluate(artifact: str, model: str | None, questions: int | None, qa: str | 
 @click.option("--model", default=None, help="Model to load instead of the one recorded in the artifact.")
 @click.option("--device", default="cpu", show_default=True,
               help="Where to prefill the context (cpu, cuda, cuda:N); tracing always runs on the CPU.")
-@click.option("--cache", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
-              help="KV layout: 'static' keeps fixed KV buffers written in place, so a GPU step can be a CUDA graph.")
+@click.option("--cache", type=click.Choice(["dynamic", "static"]), default=None,
+              help="KV layout: 'static' keeps fixed KV buffers written in place, so a GPU step can be a CUDA graph. "
+                   "[default: dynamic; static with --ops ort]")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier bundle at -o (never a folder holding other files).")
+@click.option("--ops", type=click.Choice(["portable", "ort"]), default="portable", show_default=True,
+              help="portable: standard ONNX operators (the TensorRT input); ort: ONNX Runtime's contrib operators "
+                   "(GroupQueryAttention, SkipSimplifiedLayerNormalization, ...), fp32 or fp16, with --cache static.")
 @click.option("--base", is_flag=True,
               help="Write a base bundle: the graph with the heads as inputs and no document inside; documents "
                    "then ship as packs (`nectar-export pack ARTIFACT --base BASE`).")
@@ -180,6 +184,8 @@ def export_command(artifact: str, output: str, **options: Any) -> None:
     """Fuse an artifact's heads with the base decoder into an ONNX bundle."""
     from nectar_export.export import ExportConfig, run_export
 
+    if options["cache"] is None:
+        options["cache"] = "static" if options["ops"] == "ort" else "dynamic"
     manifest = run_export(ExportConfig(artifact=Path(artifact), output=Path(output), **options))
     graph = manifest.graph
     click.echo(f"wrote {output}: {manifest.kind} {manifest.precision} graph, "

@@ -21,6 +21,10 @@ from nectar_runtime.bundle import BundleManifest, Source
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int4")
 CACHE_LAYOUTS = ("dynamic", "static")
+# portable: the traced graph of standard ONNX ops (graphs/step.py, the TensorRT input); ort: ONNX Runtime's contrib
+# operators, built node by node (graphs/fused.py), static cache, fp32 or fp16
+OPS = ("portable", "ort")
+ORT_PRECISIONS = ("fp32", "fp16")
 # int4: the base's projections as 4-bit weights (graphs/int4.py), everything else (the heads, the KV) in fp16
 FLOAT_PRECISION = {"int4": "fp16"}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int4": torch.float16}
@@ -39,6 +43,7 @@ class ExportConfig:
     cache: str = "dynamic"          # KV layout: "dynamic" (past grows) or "static" (fixed buffers, see step.py)
     overwrite: bool = False         # replace an earlier bundle at `output`
     base: bool = False              # a base bundle: the Nectar graph with the heads as inputs, no document inside
+    ops: str = "portable"           # which operators the graph is made of (OPS)
 
 
 class Stages:
@@ -91,6 +96,7 @@ def run_export(config: ExportConfig) -> BundleManifest:
     if config.base and (config.baseline or config.all_logits):
         raise NectarError("--base writes the Nectar graph without its document; it takes neither --baseline "
                           "nor --all-logits")
+    check_ops(config)
     with writing(config.output):            # before any work: -o writable, and no other export writing it
         check_bundle_output(config.output, config.overwrite)
         return _export(config, read_manifest(config.artifact))
@@ -111,7 +117,8 @@ def _export(config: ExportConfig, manifest: ArtifactManifest) -> BundleManifest:
         inputs, outputs = io_spec(traced.graph)
         kv_dtype = inputs[3].dtype
         # the past a sequence starts from: the whole context's KV (baseline) or the exact tokens' (Nectar)
-        context_kv = _context_kv(traced.cache, kv_dtype) if traced.cache.n and not config.base else None
+        head_size = _kv_head_size(inputs, manifest.model.head_dim)
+        context_kv = _context_kv(traced.cache, kv_dtype, head_size) if traced.cache.n and not config.base else None
         stage("lint")
         report = lint(structure_proto(traced.graph))
         stage("write")
@@ -123,11 +130,30 @@ def _export(config: ExportConfig, manifest: ArtifactManifest) -> BundleManifest:
         stage.close()
 
 
+def check_ops(config: ExportConfig) -> None:
+    """Refuse, before any work, what the fused ONNX Runtime graph (--ops ort) does not offer."""
+    if config.ops not in OPS:
+        raise NectarError(f"unknown --ops {config.ops!r}; choose one of {', '.join(OPS)}")
+    if config.ops != "ort":
+        return
+    if config.precision not in ORT_PRECISIONS:
+        raise NectarError(f"--ops ort builds {' or '.join(ORT_PRECISIONS)} graphs, not {config.precision}; "
+                          "use --ops portable for other precisions")
+    if config.cache != "static":
+        raise NectarError("--ops ort writes the static KV layout (GroupQueryAttention updates the buffers in place); "
+                          "pass --cache static")
+    if config.base or config.all_logits:
+        raise NectarError("--ops ort writes single-file bundles with the last token's logits; it takes neither "
+                          "--base nor --all-logits")
+
+
 def export_passes(config: ExportConfig) -> list[Any]:
     """The passes from the traced graph to the bundle's, in order."""
     from nectar_graphs.int4 import quantize_int4
     from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, lift_heads
 
+    if config.ops == "ort":              # built in its precision with its products fused: only the cleanup
+        return [cleanup]
     floats = FLOAT_PRECISION.get(config.precision, config.precision)
     # converting before fusing: the fused q|k|v and gate|up copies are made in the low precision; quantizing
     # after it: a fused product is one MatMulNBits, whose blocks run along K and so never mix q, k and v
@@ -167,7 +193,13 @@ def trace_step(config: ExportConfig, manifest: ArtifactManifest, stage: Stages) 
             cache = context_cache(model, context_ids, device, exact=artifact.exact_sets())
         step = StepModule(model, nectar_contexts(pairs), config.all_logits, static)
     stage("torch.onnx.export")
-    graph = export_step(step.eval())
+    if config.ops == "ort":
+        from nectar_graphs.fused import build_fused_step
+        if pairs is not None:
+            check_joint(pairs, config.variant)
+        graph = build_fused_step(model, pairs, config.precision, artifact.n + manifest.max_new_tokens)
+    else:
+        graph = export_step(step.eval())
     # what the bundle records about the torch model, then let it go: the graph's weights are then the only
     # references to the float32 parameters, so each is freed as the passes replace it (docs/RESULTS.md, section 3)
     traced = Traced(graph=graph, cache=cache, params=nectar_params(step, pairs, None if config.baseline else cache),
@@ -201,11 +233,24 @@ def bundle_manifest(config: ExportConfig, manifest: ArtifactManifest, traced: Tr
         kind=kind, precision=config.precision, kv_dtype=inputs[3].dtype,
         cache_layout=config.cache, n=n, first_position=n, max_new_tokens=manifest.max_new_tokens,
         cached_tokens=traced.cache.n, logits="all" if config.all_logits else "last", layers=model.layers,
-        kv_heads=model.kv_heads, head_dim=model.head_dim, vocab_size=traced.vocab_size, inputs=tuple(inputs),
+        kv_heads=model.kv_heads, head_dim=_kv_head_size(inputs, model.head_dim), vocab_size=traced.vocab_size, inputs=tuple(inputs),
         outputs=tuple(outputs),
         question_template="{question}" if config.base else manifest.context.question_template,
         stop_token_ids=tuple(sorted(stop_ids(tokenizer))), pad_token_id=pad_id(tokenizer), source=source,
-        graph=graph)
+        graph=graph, ops=config.ops, **_limits(config))
+
+
+def _kv_head_size(inputs: Any, head_dim: int) -> int:
+    """The KV I/O's head size: the model's, or the fused Nectar graph's padded one (graphs/fused.py)."""
+    shape = inputs[3].shape
+    return shape[-1] if shape and isinstance(shape[-1], int) else head_dim
+
+
+def _limits(config: ExportConfig) -> dict[str, int]:
+    """What one call of the graph may hold: the fused Nectar graph's head_sink is per head, so one sequence and one
+    new token (graphs/fused.py); 0 is no limit."""
+    fused_nectar = config.ops == "ort" and not config.baseline
+    return {"step_tokens": 1 if fused_nectar else 0, "max_batch": 1 if fused_nectar else 0}
 
 
 def check_joint(pairs: Sequence[Any], variant: str) -> None:
@@ -251,17 +296,22 @@ def nectar_params(step: Any, pairs: Any = None, exact: Any = None) -> dict[str, 
     return {"fitted": fitted + kv, "in_graph": in_graph}
 
 
-def _context_kv(cache: Any, dtype: str) -> dict[str, Any]:
-    """The context's (or the exact tokens') keys and values as [1, Hkv, tokens, D] arrays named after the past
-    inputs."""
+def _context_kv(cache: Any, dtype: str, head_size: int) -> dict[str, Any]:
+    """The context's (or the exact tokens') keys and values as [1, Hkv, tokens, head_size] arrays named after the past
+    inputs; a head size above the model's is the fused Nectar layout (graphs/fused.py: pad_context_kv)."""
+    from nectar_graphs.fused import pad_context_kv
     from nectar_graphs.passes import lower_array
     from nectar_runtime.backends.ort import kv_numpy_dtype
     from nectar_runtime.bundle import past_names
 
     np_dtype = kv_numpy_dtype(dtype)
-    tensors = [t for k, v in zip(cache.keys, cache.values) for t in (k, v)]        # past input order
-    return {name: lower_array(t.unsqueeze(0).float().numpy(), np_dtype)
-            for name, t in zip(past_names(len(cache.keys)), tensors)}
+    arrays = []
+    for k, v in zip(cache.keys, cache.values):
+        k, v = k.unsqueeze(0).float().numpy(), v.unsqueeze(0).float().numpy()
+        if head_size != k.shape[-1]:
+            k, v = pad_context_kv(k, v, head_size)
+        arrays += [k, v]                                                           # past input order
+    return {name: lower_array(a, np_dtype) for name, a in zip(past_names(len(cache.keys)), arrays)}
 
 
 def _check_sliding_window(config: Any, positions: int) -> None:

@@ -33,6 +33,12 @@ bundle.json, format "nectar-bundle/2" ("nectar-bundle/1" still loads: its `conte
     source            {"artifact", "model_source", "model_fingerprint", "context_sha256", "variant", "code_version"}
     graph             export's report: {"opset", "ir_version", "passes", "op_counts", "lint", ...}
     engines           {"tensorrt": {"file", "profile", "tensorrt_version", "build_seconds"}} once built
+    ops               "portable" (standard ONNX operators, the TensorRT input; the default when absent) or "ort" (ONNX
+                      Runtime's contrib operators: GroupQueryAttention, SkipSimplifiedLayerNormalization, ...;
+                      graphs/fused.py). head_dim is the KV I/O's head size: a fused Nectar graph pads it (the extra
+                      channels hold its exact merge's constant)
+    step_tokens       most new tokens one call of the graph takes (0: any); a runtime feeds longer prompts in pieces
+    max_batch         most sequences one call takes (0: any)
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int4")
 KV_DTYPES = ("float32", "float16", "bfloat16")
 DTYPES = (*KV_DTYPES, "float64", "int64", "int32", "int16", "int8", "uint8", "bool")    # of graph inputs and outputs
 LOGITS = ("last", "all")
+OPS = ("portable", "ort")
 # The past and present tensor names of the step graph (the Hugging Face / Optimum convention), spelled once.
 PAST_TEMPLATES = {"key": "past_key_values.{layer}.key", "value": "past_key_values.{layer}.value",
                   "present_key": "present.{layer}.key", "present_value": "present.{layer}.value"}
@@ -232,6 +239,9 @@ class BundleManifest:
     graph: dict[str, Any] = field(default_factory=dict)     # export's report: passes, op counts, lint, sizes
     files: dict[str, FileEntry] = field(default_factory=dict)
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ops: str = "portable"
+    step_tokens: int = 0            # most new tokens per graph call (0: any)
+    max_batch: int = 0              # most sequences per graph call (0: any)
 
     @property
     def static(self) -> bool:
@@ -270,6 +280,7 @@ class BundleManifest:
                 "graph": self.graph, "files": {k: dataclasses.asdict(v) for k, v in self.files.items()}}
         if self.engines:
             data["engines"] = self.engines
+        data.update(ops=self.ops, step_tokens=self.step_tokens, max_batch=self.max_batch)
         return data
 
     @classmethod
@@ -300,7 +311,8 @@ class BundleManifest:
             outputs=_tensor_specs(r, "outputs"), question_template=template,
             stop_token_ids=r.ints("stop_token_ids", below=vocab), pad_token_id=r.count("pad_token_id", 0, vocab - 1),
             cache_layout=r.choice("cache_layout", LAYOUTS, "dynamic"), source=_source(r),
-            graph=_graph(r), files=_files(r), engines=r.get("engines", dict, {}))
+            graph=_graph(r), files=_files(r), engines=r.get("engines", dict, {}), ops=r.choice("ops", OPS, "portable"),
+            step_tokens=r.count("step_tokens", 0, MAX_TOKENS, 0), max_batch=r.count("max_batch", 0, MAX_TOKENS, 0))
         if not manifest.outputs:
             raise r.fail("outputs", "the logits output first")
         if version == FORMAT and CONTEXT_FILE in manifest.files and not cached:     # format 1 kept it either way

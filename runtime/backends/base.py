@@ -17,7 +17,10 @@ and the public methods wrap them:
 - `reset(batch)`: start a sequence; the past is the bundle's cached tokens' KV (the whole context in full bundles,
   the exact tokens in Nectar ones; empty when there are none);
 - `step(input_ids)`: run new tokens [B, T] at the next positions and return the last token's logits [B, V] fp32;
-  `last_step` then says how long it took (and, where the backend times them, its parts);
+  `last_step` then says how long it took (and, where the backend times them, its parts); a bundle whose graph takes
+  at most `step_tokens` per call (bundle.json) gets the tokens in pieces of that many, in order (exact: causal
+  attention over the tokens so far does not depend on how they were split), and `reset` refuses a batch above
+  `max_batch`;
 - `present_kv()`: the past as it stands, one host array [B, Hkv, past_tokens, D] per past input (keys and values
   of every layer, in past-name order): what `verify` compares with the reference on every backend;
 - `infer(feeds)`: one plain call of the graph with host arrays in and out (no sequence state);
@@ -162,6 +165,9 @@ class Backend:
         self._require_active()
         if not isinstance(batch, (int, np.integer)) or batch < 1:
             raise BackendError(f"batch must be a positive integer, got {batch!r}")
+        if self.manifest.max_batch and batch > self.manifest.max_batch:
+            raise BackendError(f"this bundle's graph runs at most {self.manifest.max_batch} sequence(s) per call "
+                               f"(bundle.json max_batch), got batch {batch}; export with --ops portable for batches")
         self._reset_impl(int(batch))
         self.batch, self.new_tokens = int(batch), 0
 
@@ -178,8 +184,11 @@ class Backend:
                                f"window of {self.window}; reset() to start a new sequence")
         self._parts = {}
         start = time.perf_counter()
-        logits = self._step_impl(ids, positions_of(ids, self.position))
-        self.new_tokens += ids.shape[1]
+        piece = self.manifest.step_tokens or ids.shape[1]
+        for first in range(0, ids.shape[1], piece):      # a graph of step_tokens per call takes a prompt in pieces
+            part = ids[:, first:first + piece]
+            logits = self._step_impl(part, positions_of(part, self.position))
+            self.new_tokens += part.shape[1]
         self.last_step = StepTiming((time.perf_counter() - start) * 1e3, self._parts)
         return np.asarray(logits[:, -1], dtype=np.float32)
 

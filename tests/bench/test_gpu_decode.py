@@ -20,6 +20,11 @@ def test_checks_compare_engines_at_the_largest_common_n():
     assert checks["hf_static_over_nectar"] == {"n": 4096, "ratio": round(4.0 / 9.0, 3)}
     assert checks["nectar_over_floor"] == {4096: 10.0, 131072: 11.0}
     assert gpu_decode.checks([_row("hf_static", 4096, 4.0)], None) == {}
+    fused = gpu_decode.checks(rows + [_row("nectar_ort_fused", 4096, 1.2), _row("nectar_ort_fused", 131072, 1.25),
+                                      _row("full_ort_fused", 131072, 5.0)], floor_ms=1.0)["fused"]
+    assert fused == {"nectar_over_floor": {4096: 1.2, 131072: 1.25}, "nectar_large_over_small": round(1.25 / 1.2, 4),
+                     "full_over_nectar": {131072: 4.0},
+                     "portable_nectar_over_fused": {4096: 7.5, 131072: round(9.9 / 1.25, 3)}}
 
 
 def test_report_keeps_row_keys_and_draws(tmp_path):
@@ -80,11 +85,12 @@ def test_stages_before_measuring_run_on_the_cpu_with_parallel_exports(tmp_path, 
                             "--tokenizer", str(tokenizer_dir), "--work", str(work), "--out", str(tmp_path / "out")])
     state = json.loads((work / "qwen3-1.7b-state.json").read_text())
     assert code == 0 and state["errors"] == []
-    names = {f"qwen3-1.7b-{kind}-{n}" for kind in ("nectar", "full") for n in (96, 64)}
+    names = {f"qwen3-1.7b-{kind}-{n}" for kind in ("nectar", "full", "nectar-fused", "full-fused") for n in (96, 64)}
     assert set(state["export"]) == names
     for name in names:
         manifest = load_bundle(work / name, check_hashes=True).manifest
         assert manifest.cache_layout == "static" and manifest.kind == name.split("-")[2]
+        assert manifest.ops == ("ort" if "-fused-" in name else "portable")
         assert state["export"][name]["export_seconds"]["torch.onnx.export"] > 0
     assert set(state["fit"]) == {"96", "64"} and all(f["recipe"] == "quick" for f in state["fit"].values())
     # the disk plan made before any stage ran, against what the stages wrote

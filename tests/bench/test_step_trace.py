@@ -51,6 +51,8 @@ def test_kernel_classes():
     assert step_trace.kernel_class("void onnxruntime::cuda::_GatherScatterElementsKernel<__half>") == "scatter_gather"
     assert step_trace.kernel_class("void onnxruntime::cuda::_BinaryElementWiseSimple<true>") == "elementwise"
     assert step_trace.kernel_class("some_new_kernel") == "other"
+    assert step_trace.kernel_class("void flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128>>") == "attention"
+    assert step_trace.kernel_class("void onnxruntime::contrib::cuda::RotaryEmbeddingBSNH<__half>") == "rotary"
 
 
 def test_plot_writes_a_png(tmp_path):
