@@ -18,6 +18,8 @@ already under `--work` (so a run cut short by a time limit resumes where it stop
                 nectar_ort_fused / full_ort_fused: the same on `export --ops ort` bundles (graphs/fused.py:
                 GroupQueryAttention, SkipSimplifiedLayerNormalization, the heads without carried columns); the
                 fused Nectar graph takes one token per call, so its prefill_ms is the question fed token by token
+                nectar_ort_int4: the portable Nectar graph with `--precision int4` (MatMulNBits base weights,
+                fp16 heads), measured like nectar_ort_cuda; its floor is the int4 bytes a step reads
               plus, in this process, the device-to-device copy bandwidth and the floor: the model's weight
               bytes (in the bundle's precision) streamed once at that bandwidth.
 
@@ -58,10 +60,14 @@ from typing import Any, Callable, Sequence
 import gpu_reference        # bench/gpu_reference.py and bench/harness.py: found beside this script
 import harness
 
-ENGINES = ("nectar_ort_cuda", "full_ort_cuda", "nectar_ort_fused", "full_ort_fused", "hf_static")
+ENGINES = ("nectar_ort_cuda", "full_ort_cuda", "nectar_ort_fused", "full_ort_fused", "nectar_ort_int4", "hf_static")
 # engine -> (bundle kind, --ops) of the bundles it measures; hf_static runs the checkpoint itself
 BUNDLE_ENGINES = {"nectar_ort_cuda": ("nectar", "portable"), "full_ort_cuda": ("full", "portable"),
-                  "nectar_ort_fused": ("nectar-fused", "ort"), "full_ort_fused": ("full-fused", "ort")}
+                  "nectar_ort_fused": ("nectar-fused", "ort"), "full_ort_fused": ("full-fused", "ort"),
+                  "nectar_ort_int4": ("nectar-int4", "portable")}
+OPTIONAL_ENGINES = ("nectar_ort_fused", "full_ort_fused", "nectar_ort_int4")   # bundles made only when named
+# bits a weight of an int4 product takes: 4-bit codes, an fp16 scale and a 4-bit zero point per block of 32
+INT4_BITS = 4 + 16 / 32 + 4 / 32
 STAGES = ("checkpoint", "fit", "export", "measure")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 # --recipe NAME -> the FitConfig recipe and the fields on top. This script's "quick" has always meant heads of
@@ -151,9 +157,11 @@ class Exports:
             time.sleep(2)
             self.poll()
 
-    def submit(self, artifact: Path, out: Path, baseline: bool, ops: str = "portable") -> None:
+    def submit(self, artifact: Path, out: Path, baseline: bool, ops: str = "portable",
+               precision: str | None = None) -> None:
         cmd = harness.python_cmd(__file__, "--export-child", artifact, "--bundle", out, "--precision",
-                                 self.args.precision, "--cache", self.args.cache, "--device", self.args.device,
+                                 precision or self.args.precision, "--cache", self.args.cache, "--device",
+                                 self.args.device,
                                  "--ops", ops)
         with self.lock:
             self.queued.append((out.name, cmd + (["--baseline"] if baseline else [])))
@@ -204,7 +212,8 @@ def disk_plan(shape: str, overrides: dict[str, Any], ns: list[int], full_ns: set
     and for Nectar the heads (`head_params` per layer and KV-head), for full attention the context's KV. The
     heads' share is low: a Qwen3-1.7B Nectar bundle at 131,072 parameters per head was 4% over this estimate
     (its head weights are padded, their biases and norms kept in float32), hence check_disk's margin. `fused`
-    names the fused kinds made too ("nectar-fused", "full-fused"): the same plus their rotary caches.
+    names the optional kinds made too: "nectar-fused", "full-fused" (the same plus their rotary caches), and
+    "nectar-int4" (int4_weight_bytes, the tied table's fp16 copy for the embedding, fp16 heads).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -213,7 +222,8 @@ def disk_plan(shape: str, overrides: dict[str, Any], ns: list[int], full_ns: set
 
     config = gpu_reference.make_config(shape, **overrides)
     with torch.device("meta"):
-        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
     width = TORCH_DTYPES[precision].itemsize
     layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -232,10 +242,16 @@ def disk_plan(shape: str, overrides: dict[str, Any], ns: list[int], full_ns: set
         rotary = (n + reserve) * head_dim * width                # a fused graph's cos and sin caches
         for kind in [k for k in kinds if f"{k}-fused" in fused]:
             kinds[f"{kind}-fused"] = kinds[kind] + rotary
-        for kind, own in kinds.items():
+        sizes = {kind: params * width + own + extra for kind, own in kinds.items()}
+        if "nectar-int4" in fused:
+            table = model.get_input_embeddings().weight
+            tied = table is model.get_output_embeddings().weight
+            sizes["nectar-int4"] = (int4_weight_bytes(model) + (table.numel() - table.shape[1]) * 2 * tied
+                                    + head_params * layers * kv_heads * 2 + extra)
+        for kind, size in sizes.items():
             bundle = work / f"{shape}-{kind}-{n}"
             if not (bundle / "bundle.json").is_file():
-                plan[bundle.name] = params * width + own + extra
+                plan[bundle.name] = size
     return plan
 
 
@@ -417,7 +433,8 @@ class Job:
         when --engines names them."""
         out = {}
         for engine, (kind, ops) in BUNDLE_ENGINES.items():
-            if (kind.startswith("full") and n not in self.full_ns) or (ops == "ort" and engine not in self.engines):
+            if (kind.startswith("full") and n not in self.full_ns) or (engine in OPTIONAL_ENGINES and
+                                                                          engine not in self.engines):
                 continue
             out[engine] = self.args.work / f"{self.args.shape}-{kind}-{n}"
         return out
@@ -454,7 +471,7 @@ def plan_disk(job: Job) -> None:
     if not job.stages & {"checkpoint", "export"}:
         return
     a = job.args
-    fused = [BUNDLE_ENGINES[e][0] for e in job.engines if e in BUNDLE_ENGINES and BUNDLE_ENGINES[e][1] == "ort"]
+    fused = [BUNDLE_ENGINES[e][0] for e in job.engines if e in OPTIONAL_ENGINES]
     plan = disk_plan(a.shape, job.overrides, job.ns if "export" in job.stages else [], job.full_ns, a.precision,
                      a.head_params, a.tokenizer, a.work, job.checkpoint if "checkpoint" in job.stages else None,
                      fused, a.reserve)
@@ -491,12 +508,13 @@ def stage_export(job: Job, n: int) -> None:
     for engine, out in job.bundles(n).items():
         kind, ops = BUNDLE_ENGINES[engine]
         baseline = kind.startswith("full")
+        precision = "int4" if kind.endswith("int4") else a.precision
         if is_bundle(out):
             continue
         if job.exports is not None:
-            job.exports.submit(job.artifact(n), out, baseline, ops)
+            job.exports.submit(job.artifact(n), out, baseline, ops, precision)
             continue
-        result = job.attempt(f"export {out.name}", lambda: export_one(job.artifact(n), out, baseline, a.precision,
+        result = job.attempt(f"export {out.name}", lambda: export_one(job.artifact(n), out, baseline, precision,
                                                                         a.cache, a.device, ops))
         if result is not None:
             job.state.export[out.name] = result
@@ -586,8 +604,28 @@ def floor(checkpoint: Path, precision: str) -> dict[str, Any]:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     nbytes = gpu_reference.weight_bytes(model)
     bandwidth = gpu_reference.copy_bandwidth("cuda")
+    int4 = int4_weight_bytes(model)
     return {"weight_bytes": nbytes, "bandwidth": bandwidth,
-            "floor_ms": round(gpu_reference.floor_ms(nbytes, bandwidth["gb_per_s"]), 4)}
+            "floor_ms": round(gpu_reference.floor_ms(nbytes, bandwidth["gb_per_s"]), 4),
+            "int4_weight_bytes": int4, "int4_floor_ms": round(gpu_reference.floor_ms(int4, bandwidth["gb_per_s"]), 4)}
+
+
+def int4_weight_bytes(model: Any) -> int:
+    """Bytes an int4 step reads (graphs/int4.py's layout): every nn.Linear of the decoder and lm_head at INT4_BITS
+    a weight, everything else at 2 bytes (gpu_reference.weight_bytes's rule for the embedding: a tied one is read
+    as lm_head's int4 product plus one fp16 row, an untied one as one row)."""
+    import torch
+
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    embedding = model.get_input_embeddings().weight
+    total = 0
+    for p in model.parameters():                              # parameters() skips shared tensors
+        total += p.numel() * INT4_BITS / 8 if id(p) in linear else p.numel() * 2
+    if embedding is model.get_output_embeddings().weight:
+        total += embedding.shape[1] * 2                       # the Gather's fp16 row
+    else:
+        total -= (embedding.shape[0] - 1) * embedding.shape[1] * 2
+    return int(total)
 
 
 ROW_KEYS = ("engine", "n", "ms_per_token", "prefill_ms", "device_mem_mb")
@@ -602,6 +640,8 @@ def write_report(state: State, json_path: Path, png: Path) -> dict[str, Any]:
     report = {"shape": state.shape, "gpu": state.gpu, "rows": rows, "floor_ms": floor_ms, "floor": state.floor,
               "fit": state.fit, "export": state.export, "checks": checks(rows, floor_ms), "errors": state.errors,
               "settings": state.settings, "runs": state.rows}
+    if int4 := int4_checks(rows, (state.floor or {}).get("int4_floor_ms")):
+        report["checks"]["int4"] = int4
     json_path.write_text(json.dumps(report, indent=2))
     plot_report(report, png)
     return report
@@ -636,6 +676,19 @@ def checks(rows: list[dict[str, Any]], floor_ms: float | None) -> dict[str, Any]
         out["nectar_over_floor"] = {n: round(at["nectar_ort_cuda", n] / floor_ms, 3) for n in nectar}
     if fused := fused_checks(at, floor_ms):
         out["fused"] = fused
+    return out
+
+
+def int4_checks(rows: list[dict[str, Any]], floor_ms: float | None) -> dict[str, Any]:
+    """The int4 row against its own floor (the int4 bytes a step reads) and against the fp16 Nectar row."""
+    at = {(r["engine"], r["n"]): r["ms_per_token"] for r in rows}
+    ns = sorted(n for e, n in at if e == "nectar_ort_int4")
+    out: dict[str, Any] = {}
+    if ns and floor_ms:
+        out["over_int4_floor"] = {n: round(at["nectar_ort_int4", n] / floor_ms, 3) for n in ns}
+    if ratios := {n: round(at["nectar_ort_cuda", n] / at["nectar_ort_int4", n], 3) for n in ns
+                  if ("nectar_ort_cuda", n) in at}:
+        out["fp16_over_int4"] = ratios
     return out
 
 
@@ -675,7 +728,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Fitting recipe at --timed-n (quick: heads of the right shape only).")
     p.add_argument("--timed-n", type=int, default=32768, help="The n fitted with --recipe; other n use quick.")
     p.add_argument("--reserve", type=int, default=512, help="New-token positions after the context.")
-    p.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")
+    p.add_argument("--precision", choices=("fp16", "bf16", "fp32", "int4"), default="fp16",
+                   help="Of the bundles (nectar_ort_int4's are always int4).")
     p.add_argument("--device", default="cuda", help="Where fit and export's prefill run (measure needs a GPU).")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--warmup", type=int, default=16)

@@ -84,8 +84,9 @@ def test_stages_before_measuring_run_on_the_cpu_with_parallel_exports(tmp_path, 
                             "--recipe", "quick", "--timed-n", "0", "--head-params", "4096", "--reserve", "32",
                             "--tokenizer", str(tokenizer_dir), "--work", str(work), "--out", str(tmp_path / "out")])
     state = json.loads((work / "qwen3-1.7b-state.json").read_text())
-    assert code == 0 and state["errors"] == []
-    names = {f"qwen3-1.7b-{kind}-{n}" for kind in ("nectar", "full", "nectar-fused", "full-fused") for n in (96, 64)}
+    assert code == 0 and state["errors"] == [], state["errors"]
+    names = {f"qwen3-1.7b-{kind}-{n}" for kind in ("nectar", "full", "nectar-fused", "full-fused", "nectar-int4")
+             for n in (96, 64)}
     assert set(state["export"]) == names
     for name in names:
         manifest = load_bundle(work / name, check_hashes=True).manifest
