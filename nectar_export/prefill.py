@@ -114,3 +114,14 @@ def prefill(model: Any, ids: Sequence[int], chunk: int = 512, progress: bool = T
     # views of the cache's own tensors (batch 0): no copy, so the peak is one cache (30 GB at 128K for 1.7B fp32)
     return ContextCache(keys=[layer.keys[0] for layer in cache.layers], values=[layer.values[0] for layer in cache.layers],
                         windows=tuple(windows) if any(windows) else None)
+
+
+def aligned(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> tuple[ContextCache, list[int]]:
+    """Per-layer exact KV [Hkv, E_l, D] of different lengths as one length C = max E_l, zero slots in front, and
+    per layer how many of those dead slots it has (the step graph masks them): a hybrid model's global layers keep
+    their few exact tokens, its sliding layers their window, and the runtime keeps one past length."""
+    C = max(k.shape[1] for k in keys)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t.new_zeros(t.shape[0], C - t.shape[1], t.shape[2]), t], dim=1)
+    return ContextCache([pad(k) for k in keys], [pad(v) for v in values]), [C - k.shape[1] for k in keys]
