@@ -130,6 +130,15 @@ def layer_windows(config: Any) -> list[int | None]:
     return [int(window) if kind == "sliding_attention" and window else None for kind in kinds]
 
 
+def context_cache_for(model: Any) -> Any:
+    """An empty transformers cache that keeps every token of every layer: DynamicCache(config=) gives a sliding
+    layer a cache layer that drops all but its last window, which a context's KV (all n tokens) must not; the
+    model's masks slide by themselves (transformers builds them from the layer types)."""
+    from transformers import DynamicCache
+
+    return DynamicCache() if any(layer_windows(model.config)) else DynamicCache(config=model.config)
+
+
 def _bool_mask(mask: torch.Tensor | None, T: int, S: int, device: torch.device) -> torch.Tensor:
     """A [B or 1, 1, T, S] keep-mask; None means causal aligned to the end (queries are the last T keys)."""
     if mask is None:

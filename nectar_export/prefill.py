@@ -8,7 +8,8 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from nectar_export.attention import ContextAttention, ExactContext, SlidingContext, cache_keyword, layer_windows
+from nectar_export.attention import (ContextAttention, ExactContext, SlidingContext, cache_keyword, context_cache_for,
+                                     layer_windows)
 
 
 def sink_window_index(n: int, sinks: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -101,12 +102,8 @@ class ContextCache:
 @torch.inference_mode()
 def prefill(model: Any, ids: Sequence[int], chunk: int = 512, progress: bool = True) -> ContextCache:
     """Run the context through the model chunk by chunk and keep its KV cache."""
-    from transformers import DynamicCache
-
     windows = layer_windows(model.config)
-    # a sliding layer's cache layer (config=) would keep only its last window; the context needs every token's KV
-    # (the masks still slide: transformers builds them from the layer types, not from the cache)
-    cache = DynamicCache() if any(windows) else DynamicCache(config=model.config)
+    cache = context_cache_for(model)
     tokens = torch.tensor([list(ids)], dtype=torch.long, device=model.device)
     for start in tqdm(range(0, tokens.shape[1], chunk), desc="prefill", unit="chunk", disable=not progress):
         piece = tokens[:, start:start + chunk]
