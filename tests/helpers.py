@@ -117,8 +117,9 @@ def collected_layers(arch: str = "llama", n: int = 96, sinks: int = 2):
                           for _ in range(count)]
     scaling = float(model.model.layers[0].self_attn.scaling)
     exact = cache.exact_index(sinks, 0)
-    train = targets(collect(model, cache, make(24), batch_size=8, desc="train"), cache, exact, scaling)
-    val = targets(collect(model, cache, make(6), batch_size=8, desc="val"), cache, exact, scaling)
+    heads = cache.heads()                     # a hybrid model's global layers: the ones queries are collected for
+    train = targets(collect(model, cache, make(24), batch_size=8, desc="train"), heads, exact, scaling)
+    val = targets(collect(model, cache, make(6), batch_size=8, desc="val"), heads, exact, scaling)
     return model, cache, train, val
 
 
