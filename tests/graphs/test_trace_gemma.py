@@ -2,10 +2,11 @@
 ones) against torch in ONNX Runtime (CPU, its optimizations off), with a context three windows long and more new
 tokens than a window, so every sliding layer's window moves past the context's end.
 
-Nectar graph: the global layer's past starts with its exact tokens (sinks and a short window of the context,
-padded at the front with dead slots to the sliding layers' length), each sliding layer's with the context's last
-window; against the Hugging Face model with Nectar attention (random heads on the global layer). Baseline graph:
-the whole context's KV in every layer against the stock model over the whole sequence.
+Nectar graph, dynamic and static cache layouts: the global layer's past starts with its exact tokens (sinks and a
+short window of the context, padded at the front with dead slots to the sliding layers' length), each sliding
+layer's with the context's last window; against the Hugging Face model with Nectar attention (random heads on the
+global layer). Baseline graph: the whole context's KV in every layer against the stock model over the whole
+sequence.
 """
 
 from __future__ import annotations
@@ -37,6 +38,24 @@ def _run_graph(session, first_ids: torch.Tensor, steps: list[int], start: int, p
         out = session.run(None, dict(zip(names, feeds)))
         logits.append(out[0][:, -1])
         past, length, position = out[1:], length + T, position + T
+    return logits
+
+
+def _run_static(session, first_ids: torch.Tensor, steps: list[int], start: int, past: list[np.ndarray]) -> list[np.ndarray]:
+    """The same run on a static-layout graph: buffers of C + new-token slots (zeros after the cached ones), the new
+    tokens scattered into slots C, C + 1, ..., the presents fed back whole."""
+    names = [i.name for i in session.get_inputs()]
+    C, extra = past[0].shape[2], first_ids.shape[1] + len(steps) + 3
+    past = [np.concatenate([t, np.zeros((*t.shape[:2], extra, t.shape[3]), t.dtype)], axis=2) for t in past]
+    ids, slot, position, logits = first_ids, C, start, []
+    for token in [None, *steps]:
+        if token is not None:
+            ids = torch.tensor([[token]])
+        T = ids.shape[1]
+        feeds = [ids.numpy(), np.arange(position, position + T).reshape(1, T), np.arange(slot, slot + T), *past]
+        out = session.run(None, dict(zip(names, feeds)))
+        logits.append(out[0][:, -1])
+        past, slot, position = out[1:], slot + T, position + T
     return logits
 
 
@@ -80,11 +99,11 @@ def test_nectar_graph_matches_torch_nectar_model(gemma, tmp_path):
     padded, dead = aligned(keys, values)
     assert dead == [0, C - SINKS - RECENT, 0, 0]
     past = [t.unsqueeze(0).numpy() for k, v in zip(padded.keys, padded.values) for t in (k, v)]
-    session = _session(StepModule(model, graph_contexts, dead=dead), tmp_path / "nectar.onnx")
-    got = _run_graph(session, prompt, tokens, N, past)
-    gaps = [float(np.abs(a - b).max()) for a, b in zip(got, ref)]
-    assert len(gaps) == STEPS + 1
-    assert max(gaps) < TOL, f"logit gaps per step {gaps}"
+    for static, run in ((False, _run_graph), (True, _run_static)):
+        session = _session(StepModule(model, graph_contexts, static=static, dead=dead), tmp_path / f"nectar-{static}.onnx")
+        gaps = [float(np.abs(a - b).max()) for a, b in zip(run(session, prompt, tokens, N, past), ref)]
+        assert len(gaps) == STEPS + 1
+        assert max(gaps) < TOL, f"static={static}: logit gaps per step {gaps}"
     # the dead slots matter: a graph that attends to them (dead = 0) gives other logits
     careless = _session(StepModule(model, graph_contexts), tmp_path / "careless.onnx")
     assert float(np.abs(_run_graph(careless, prompt, tokens, N, past)[0] - ref[0]).max()) > 1e-3
