@@ -25,7 +25,8 @@ import onnx_ir as ir
 
 LOW = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
 # modules whose arithmetic stays fp32 in a low-precision graph (matched on the exporter's class hierarchy)
-FP32_MODULES = ("nectar_graphs.step.Rotary", "nectar_graphs.step.Normalize", "QuadraturePair")
+FP32_MODULES = ("nectar_graphs.step.Rotary", "nectar_graphs.step.Normalize", "nectar_graphs.step.GemmaRMSNorm",
+                "QuadraturePair")
 
 
 @dataclass

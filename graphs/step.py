@@ -1,6 +1,6 @@
 """The traceable decoder step: new tokens in, logits and the new tokens' keys/values out.
 
-One plain module for every supported architecture (Llama, Mistral, Qwen2, Qwen3). It reuses the
+One plain module for every supported architecture (Llama, Mistral, Qwen2, Qwen3, Gemma 3). It reuses the
 Hugging Face model's own weights and submodules (projections, norms, MLP) and writes out only what
 the export needs to control: rotary embedding from the model's inverse frequencies, the masks, the
 norms' form, and attention with the fitted pair merged exactly.
@@ -33,6 +33,15 @@ KV head are rows of one product with its keys [B, 1, Hkv, D, S], and the output 
 transpose. ONNX Runtime's CUDA MatMul runs such a product as one strided batched GEMM when both batch
 counts match (B * T * Hkv = B * Hkv, so for a one-token step); prefills of T > 1 tokens take its slower
 general path. The new keys and values are transposed once to the cache's [B, Hkv, T, D].
+
+Gemma 3 (hybrid attention): its norms scale by 1 + weight in fp32 (GemmaRMSNorm), each layer has four (a norm
+after attention and after the MLP too), the embedding table is scaled by sqrt(hidden) (its own module does it),
+the final logits may be soft-capped (tanh), and each layer kind has its own rotary base. A sliding layer's key
+at slot j is visible to the new token in slot s only while j > s - window: its slots hold consecutive positions
+(the context's last tokens, then the new ones), so a slot distance is a position distance. Every layer's past
+starts with the same number of slots, C (the runtime keeps one past length), so a layer whose exact tokens are
+fewer than C has `dead` leading slots (zeros) that no token ever sees: a global layer's Nectar exact tokens, or
+a sliding layer's window when the context is shorter than C.
 
 Shapes: B batch, T new tokens this step, P past tokens, Hq query heads, Hkv KV heads, G = Hq/Hkv,
 D head dim.
@@ -111,8 +120,28 @@ class RMSNorm(nn.Module):
         return self.weight * self.normalize(x)
 
 
-def rms_norm(hf_norm: nn.Module | None) -> RMSNorm | None:
-    return RMSNorm(hf_norm) if hf_norm is not None else None
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMS norm: Normalize, then the scale 1 + weight, both in fp32, back in x's type (transformers'
+    Gemma3RMSNorm). The scale is a constant of the graph, so 1 + weight is computed once here."""
+
+    def __init__(self, hf_norm: nn.Module):
+        super().__init__()
+        self.register_buffer("scale", 1.0 + hf_norm.weight.detach().float())
+        self.eps = float(hf_norm.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        return (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale).to(x.dtype)
+
+
+def is_gemma_norm(hf_norm: nn.Module) -> bool:
+    return type(hf_norm).__name__.startswith("Gemma")
+
+
+def rms_norm(hf_norm: nn.Module | None) -> nn.Module | None:
+    if hf_norm is None:
+        return None
+    return GemmaRMSNorm(hf_norm) if is_gemma_norm(hf_norm) else RMSNorm(hf_norm)
 
 
 class JointPair(nn.Module):
@@ -235,16 +264,22 @@ class Attention(nn.Module):
 class Layer(nn.Module):
     def __init__(self, hf_layer: nn.Module, attention: Attention):
         super().__init__()
-        self.input_layernorm = RMSNorm(hf_layer.input_layernorm)
-        self.post_attention_layernorm = RMSNorm(hf_layer.post_attention_layernorm)
+        self.input_layernorm = rms_norm(hf_layer.input_layernorm)
+        self.post_attention_layernorm = rms_norm(hf_layer.post_attention_layernorm)
         self.mlp = hf_layer.mlp
         self.self_attn = attention
+        # Gemma: the post-attention norm applies to the attention's output, and the MLP sits between two more
+        self.pre_feedforward_layernorm = rms_norm(getattr(hf_layer, "pre_feedforward_layernorm", None))
+        self.post_feedforward_layernorm = rms_norm(getattr(hf_layer, "post_feedforward_layernorm", None))
 
     def forward(self, h: torch.Tensor, rotation: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
                 keep: torch.Tensor, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a, keys, values = self.self_attn(self.input_layernorm(h), rotation, past_k, past_v, keep, slots)
-        h = h + a
-        return h + self.mlp(self.post_attention_layernorm(h)), keys, values
+        if self.pre_feedforward_layernorm is None:
+            h = h + a
+            return h + self.mlp(self.post_attention_layernorm(h)), keys, values
+        h = h + self.post_attention_layernorm(a)
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h))), keys, values
 
 
 class StepModule(nn.Module):
@@ -256,37 +291,58 @@ class StepModule(nn.Module):
 
     static=True: forward(input_ids, position_ids, cache_position, *past) with cache_position [T] int64,
     the slots the new tokens fill, and past and presents [B, Hkv, R, D] (see the module docstring).
+
+    contexts: per model layer, its NectarHeads or None (a hybrid model's sliding layers always None); dead: per
+    layer, how many leading past slots it never attends to (see the module docstring; default none).
     """
 
     def __init__(self, hf_model: nn.Module, contexts: Sequence[NectarHeads | None] | None = None,
-                 all_logits: bool = False, static: bool = False):
+                 all_logits: bool = False, static: bool = False, dead: Sequence[int] | None = None):
         super().__init__()
         config = hf_model.config
         body = hf_model.model
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         contexts = list(contexts) if contexts is not None else [None] * len(body.layers)
-        self.embed_tokens, self.norm, self.lm_head = body.embed_tokens, RMSNorm(body.norm), hf_model.lm_head
+        if len(contexts) != len(body.layers):
+            raise ValueError(f"got {len(contexts)} contexts for {len(body.layers)} layers")
+        self.embed_tokens, self.norm, self.lm_head = body.embed_tokens, rms_norm(body.norm), hf_model.lm_head
         self.layers = nn.ModuleList(
             Layer(layer, Attention(layer.self_attn, heads, kv_heads, head_dim, ctx))
             for layer, ctx in zip(body.layers, contexts))
+        kinds = list(getattr(config, "layer_types", None) or ["full_attention"] * len(body.layers))
+        window = getattr(config, "sliding_window", None)
+        self.windows = [int(window) if kind == "sliding_attention" and window else None for kind in kinds]
+        self.kinds = kinds
+        self.dead = [int(d) for d in dead] if dead is not None else [0] * len(body.layers)
         rotary = body.rotary_emb
-        self.rotary = Rotary(rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)))
+        if hasattr(rotary, "inv_freq"):
+            self.rotary = nn.ModuleDict({kind: Rotary(rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)))
+                                         for kind in set(kinds)})
+        else:                                # Gemma 3: one rotary base per layer kind
+            self.rotary = nn.ModuleDict({kind: Rotary(getattr(rotary, f"{kind}_inv_freq"),
+                                                      float(getattr(rotary, f"{kind}_attention_scaling", 1.0)))
+                                         for kind in set(kinds)})
+        self.softcap = getattr(config, "final_logit_softcapping", None)
         self.all_logits, self.static = all_logits, static
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask_or_slots: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        h = self.embed_tokens(input_ids)                                          # [B, T, hidden]
+        h = self.embed_tokens(input_ids)                                          # [B, T, hidden] (Gemma: scaled)
         T = input_ids.shape[1]
-        rotation = self.rotary(position_ids).to(h.dtype)                           # [B, T, D, D]
+        rotations = {kind: rotary(position_ids).to(h.dtype) for kind, rotary in self.rotary.items()}   # [B, T, D, D]
         if self.static:
             slots = mask_or_slots
             keep = slot_keep(slots, past[0].shape[2])                             # [1, T, 1, 1, R]
         else:
             slots, keep = None, causal_keep(mask_or_slots, T)                     # [B, T, 1, 1, P+T]
+        masks: dict[tuple[int | None, int], torch.Tensor] = {}                    # one per (window, dead) in use
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            h, keys, values = layer(h, rotation, past[2 * i], past[2 * i + 1], keep, slots)
+            shape = (self.windows[i], self.dead[i])
+            if shape not in masks:
+                masks[shape] = layer_keep(keep, slots, T, *shape)
+            h, keys, values = layer(h, rotations[self.kinds[i]], past[2 * i], past[2 * i + 1], masks[shape], slots)
             presents += [keys, values]
         if not self.all_logits:
             h = h[:, -1:]
@@ -294,6 +350,8 @@ class StepModule(nn.Module):
         # a 2-D product with the (possibly tied) weight exports as Gemm(transB=1) on the embedding table
         # itself; a 3-D one gets a folded transposed copy: 113 MB more for SmolLM2's tied head
         logits = F.linear(h.reshape(-1, h.shape[-1]), self.lm_head.weight).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         return (logits.reshape(h.shape[0], h.shape[1], -1), *presents)
 
 
@@ -304,6 +362,24 @@ def causal_keep(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
     j = torch.arange(S, device=attention_mask.device).unsqueeze(0)
     causal = (j <= i + (S - T)).view(1, T, 1, 1, S)
     return causal & (attention_mask > 0).view(-1, 1, 1, 1, S)
+
+
+def layer_keep(keep: torch.Tensor, slots: torch.Tensor | None, T: int, window: int | None,
+               dead: int) -> torch.Tensor:
+    """One layer's keep-mask from the shared one: key slot j also needs j > (the query's slot) - window for a
+    sliding layer, and j >= dead (see the module docstring). keep [B or 1, T, 1, 1, S]."""
+    if window is None and dead == 0:
+        return keep
+    S = keep.shape[-1]
+    j = torch.arange(S, device=keep.device).unsqueeze(0)                                    # [1, S]
+    if slots is not None:
+        query = slots.unsqueeze(1)                                                          # [T, 1]
+    else:
+        query = torch.arange(T, device=keep.device).unsqueeze(1) + (S - T)                  # [T, 1]
+    extra = j >= dead
+    if window is not None:
+        extra = extra & (j > query - window)
+    return keep & extra.view(1, -1, 1, 1, S)
 
 
 def slot_keep(slots: torch.Tensor, R: int) -> torch.Tensor:

@@ -57,14 +57,29 @@ class ModelRecord:
     head_dim: int
     scaling: float                  # the softmax scale of the model's attention
     max_positions: int
+    # a hybrid model (Gemma 3): the layers that attend to everything and so get heads, in order, and the sliding
+    # layers' window; None: every layer gets heads
+    head_layers: tuple[int, ...] | None = None
+    sliding_window: int | None = None
+
+    @property
+    def pair_layers(self) -> list[int]:
+        """The model layers that have a pair, in order (the artifact's `layers.{i}` count these)."""
+        return list(self.head_layers) if self.head_layers is not None else list(range(self.layers))
 
     @classmethod
     def from_json(cls, f: Fields) -> "ModelRecord":
+        layers = f.count("layers", 1, 1024)
+        head_layers = f.ints("head_layers", None, below=layers) if f.data.get("head_layers") is not None else None
+        if head_layers is not None and (not head_layers or list(head_layers) != sorted(set(head_layers))):
+            raise f.fail("head_layers", "increasing layer indices, at least one")
+        window = f.count("sliding_window", 1, MAX_TOKENS) if f.data.get("sliding_window") is not None else None
         return cls(source=f.get("source", str), fingerprint=f.get("fingerprint", str),
-                   model_type=f.get("model_type", str), layers=f.count("layers", 1, 1024),
+                   model_type=f.get("model_type", str), layers=layers,
                    kv_heads=f.count("kv_heads", 1, 4096), query_heads=f.count("query_heads", 1, 4096),
                    head_dim=f.count("head_dim", 1, 4096), scaling=f.number("scaling", low=1e-12, high=1e12),
-                   max_positions=f.count("max_positions", 1, MAX_TOKENS))
+                   max_positions=f.count("max_positions", 1, MAX_TOKENS), head_layers=head_layers,
+                   sliding_window=window)
 
 
 @dataclass(frozen=True)
@@ -114,7 +129,7 @@ class VariantRecord:
             raise f.fail("file", "a path inside the artifact folder")
         shapes = f.get("layers", list, expected="a list of pair shapes")
         if len(shapes) != layers:
-            raise f.fail("layers", f"{layers} pair shapes, one per model layer")
+            raise f.fail("layers", f"{layers} pair shapes, one per layer with heads")
         return cls(file=file, layers=tuple(_pair_shape(_fields(s, f"{f.where} layers[{i}]"))
                                            for i, s in enumerate(shapes)))
 
@@ -189,7 +204,8 @@ class ArtifactManifest:
         model = ModelRecord.from_json(f.child("model"))
         context = ContextRecord.from_json(f.child("context"))
         positions = f.child("positions")
-        variants = {name: VariantRecord.from_json(_fields(v, f"{where} variants[{name!r}]"), model.layers)
+        variants = {name: VariantRecord.from_json(_fields(v, f"{where} variants[{name!r}]"),
+                                                    len(model.pair_layers))
                     for name, v in f.get("variants", dict).items()}
         try:
             config = FitConfig.from_json(f.get("config", dict))
@@ -265,7 +281,7 @@ class Artifact:
         if context.salient and mass is None:
             raise NectarError(f"{self.path} keeps {context.salient} salient tokens exact but has no {MASS}; {FIX}")
         return exact_sets(self.n, context.sinks, context.window, context.salient, mass,
-                          self.manifest.model.layers, device)
+                          len(self.manifest.model.pair_layers), device)
 
     def attention_mass(self) -> list[torch.Tensor] | None:
         """Per layer [Hkv, n] mean softmax weights under the training queries; None for artifacts without them."""
@@ -281,10 +297,11 @@ class Artifact:
             raise NectarError(f"cannot read {file}: {exc}; {FIX}") from None
         model = self.manifest.model
         want = (model.kv_heads, self.n)
-        mass = [tensors.get(f"layers.{i}") for i in range(model.layers)]
+        count = len(model.pair_layers)
+        mass = [tensors.get(f"layers.{i}") for i in range(count)]
         if any(m is None or tuple(m.shape) != want for m in mass):
             raise NectarError(f"{file} does not hold a [{want[0]}, {want[1]}] tensor for each of the "
-                              f"{model.layers} layers; {FIX}")
+                              f"{count} layers with heads; {FIX}")
         return mass
 
 

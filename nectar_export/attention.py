@@ -77,9 +77,10 @@ class ContextAttention:
     def partial(self, q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def attend(self, q: torch.Tensor, scaling: float, new_lse: torch.Tensor,
-               new_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Merged attention of q over this context and the new tokens (whose partial is given)."""
+    def attend(self, q: torch.Tensor, scaling: float, new_lse: torch.Tensor, new_out: torch.Tensor,
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merged attention of q over this context and the new tokens (whose partial is given); `positions`
+        [B or 1, T] are the queries' positions (only a sliding window needs them)."""
         return merge(*self.partial(q, scaling), new_lse, new_out)
 
 
@@ -91,6 +92,51 @@ class ExactContext(ContextAttention):
 
     def partial(self, q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         return exact_partial(q, self.keys, self.values, scaling, self.chunk)
+
+
+class SlidingContext(ContextAttention):
+    """A sliding-window layer's view of the context: the last `window` context tokens as exact KV, each visible to
+    a query at position p while its own position is > p - window (transformers' sliding_window_overlay), so the
+    window keeps sliding over the new tokens exactly as the model's does. keys, values: the layer's whole cache
+    [Hkv, n, D] (only the last `window` tokens are kept)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, window: int):
+        n = keys.shape[1]
+        start = max(0, n - window)
+        self.keys, self.values, self.window = keys[:, start:], values[:, start:], window
+        self.key_positions = torch.arange(start, n, device=keys.device)                  # [W]
+
+    def partial(self, q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        raise ValueError("a sliding-window context needs the queries' positions: use attend(..., positions=)")
+
+    def partial_at(self, q: torch.Tensor, scaling: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, Hkv, G, T, D] at positions [B or 1, T] -> (lse [B, Hkv, G, T], out [B, Hkv, G, T, D])."""
+        scores = torch.einsum("bhgtd,hsd->bhgts", q, self.keys) * scaling                # [B, Hkv, G, T, W]
+        low = positions.to(q.device).view(positions.shape[0], 1, 1, -1, 1) - self.window
+        scores = scores.masked_fill(~(self.key_positions > low), float("-inf"))
+        return softmax_partial(scores, self.values.unsqueeze(0).unsqueeze(2))
+
+    def attend(self, q: torch.Tensor, scaling: float, new_lse: torch.Tensor, new_out: torch.Tensor,
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions is None:
+            raise ValueError("a sliding-window context needs the queries' positions (position_ids)")
+        return merge(*self.partial_at(q, scaling, positions), new_lse, new_out)
+
+
+def layer_windows(config: Any) -> list[int | None]:
+    """Per layer, its sliding window (Gemma 3's sliding_attention layers) or None (attends to everything)."""
+    kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    return [int(window) if kind == "sliding_attention" and window else None for kind in kinds]
+
+
+def context_cache_for(model: Any) -> Any:
+    """An empty transformers cache that keeps every token of every layer: DynamicCache(config=) gives a sliding
+    layer a cache layer that drops all but its last window, which a context's KV (all n tokens) must not; the
+    model's masks slide by themselves (transformers builds them from the layer types)."""
+    from transformers import DynamicCache
+
+    return DynamicCache() if any(layer_windows(model.config)) else DynamicCache(config=model.config)
 
 
 def _bool_mask(mask: torch.Tensor | None, T: int, S: int, device: torch.device) -> torch.Tensor:
@@ -118,7 +164,7 @@ def nectar_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     lse, out = softmax_partial(scores, value.unsqueeze(2))
     context = module.__dict__.get(_SLOT)
     if context is not None:
-        lse, out = context.attend(q, scaling, lse, out)
+        lse, out = context.attend(q, scaling, lse, out, positions=kwargs.get("position_ids"))
     return out.reshape(B, H, T, D).transpose(1, 2).contiguous(), None
 
 

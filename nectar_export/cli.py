@@ -42,7 +42,8 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", default="default", show_default=True,
-              help="'default' (SmolLM2-135M-Instruct), a Hugging Face checkpoint directory or a .gguf file.")
+              help="'default' (SmolLM2-135M-Instruct), 'gemma3-270m' (Gemma 3 270M base; the gemma extra), a Hugging Face "
+                   "checkpoint directory or a .gguf file.")
 @click.option("--context", default="default", show_default=True,
               help="'default' (Python reference manual), a shipped document ('manual-4k', 'license-4k'), a UTF-8 file, "
                    "or a directory of files.")

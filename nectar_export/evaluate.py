@@ -31,13 +31,14 @@ PREFIX_TOKENS = 16
 def heads_contexts(pairs: Sequence[Pair], cache: ContextCache,
                    exact_index: Sequence[torch.Tensor]) -> list[ContextAttention]:
     """Per-layer Nectar context: fitted pair + the exact tokens (sinks, window, salient tokens), per layer."""
-    exact = [None if i.shape[-1] == 0 else e for i, e in zip(exact_index, cache.subset(list(exact_index)))]
-    return [HeadsContext(p, e) for p, e in zip(pairs, exact)]
+    subsets = cache.heads().subset(list(exact_index))          # a hybrid model: its global layers only
+    exact = [None if i.shape[-1] == 0 else e for i, e in zip(exact_index, subsets)]
+    return cache.localized([HeadsContext(p, e) for p, e in zip(pairs, exact)])
 
 
 def window_size(params: int, n: int, model: ModelRecord) -> int:
     """k such that 2*k*d per (layer, KV-head) equals Nectar's parameter count there."""
-    per_head = params / (model.layers * model.kv_heads)
+    per_head = params / (len(model.pair_layers) * model.kv_heads)
     return min(n - WINDOW_SINKS, max(1, round(per_head / (2 * model.head_dim))))
 
 
@@ -129,7 +130,8 @@ def eval_methods(model: Any, cache: ContextCache, context_ids: Sequence[int],
     k = window_size(artifact.manifest.nectar_params, artifact.n, artifact.manifest.model)
     kept = baseline_selections(model, cache, context_ids, artifact, k)
     exact = artifact.exact_sets(device)
-    methods: dict[str, list[Any]] = {"full": cache.exact(), "no_context": [None] * artifact.manifest.model.layers}
+    # a hybrid model's sliding layers keep their window in every method (localized): only global layers differ
+    methods: dict[str, list[Any]] = {"full": cache.exact(), "no_context": cache.localized([None] * len(cache.head_layers))}
     methods.update({name: cache.subset(index) for name, index in kept.items()})
     for variant, pairs in artifact.heads.items():
         methods[variant] = heads_contexts([p.to(device) for p in pairs], cache, exact)
@@ -212,6 +214,7 @@ def layer_error_table(model: Any, cache: ContextCache, samples: Sequence[Sample]
                       exact: Sequence[torch.Tensor], kept: dict[str, Any], scaling: float) -> dict[str, list[dict[str, float]]]:
     """Per method, each layer's held-out errors of the merged attention output and of the log-normalizer."""
     queries = collect(model, cache, samples, desc="test queries")
+    cache = cache.heads()                                    # the layers with heads, as `queries` are
     test = targets(queries, cache, exact, scaling)
     errors = {m: [layer_errors(p, d, scaling) for p, d in zip(pairs, test)] for m, pairs in artifact.heads.items()}
     baseline_keys = {"no_context": torch.zeros(0, dtype=torch.long), **kept}

@@ -15,7 +15,8 @@ from nectar_export import __version__
 from nectar_export.artifact import ArtifactManifest, load_artifact, read_manifest
 from nectar_export.errors import NectarError
 from nectar_export.models import check_device, load_model
-from nectar_export.prefill import ContextCache, prefill, take
+from nectar_export.attention import layer_windows
+from nectar_export.prefill import ContextCache, aligned, prefill, take
 from nectar_export.samples import pad_id, stop_ids
 from nectar_runtime.bundle import BundleManifest, Source
 
@@ -185,13 +186,21 @@ def trace_step(config: ExportConfig, manifest: ArtifactManifest, stage: Stages) 
         step = StepModule(model, None, config.all_logits, static)
     else:                                    # only the exact tokens' KV leaves the device
         pairs = artifact.heads[config.variant]
+        windows = layer_windows(model.config)
         if config.base:                      # the heads only give the graph its shapes; a pack brings the KV
+            if any(windows):
+                raise NectarError("--base for a model with sliding-window layers (Gemma 3) is not supported yet: "
+                                  "packs hold one exact-token count for every layer; export a single-file bundle")
             check_joint(pairs, config.variant)
             empty = [torch.zeros(0, 0, 0) for _ in pairs]                  # n = 0 tokens
             cache = ContextCache(empty, list(empty))
+            step = StepModule(model, nectar_contexts(pairs), config.all_logits, static)
         else:
-            cache = context_cache(model, context_ids, device, exact=artifact.exact_sets())
-        step = StepModule(model, nectar_contexts(pairs), config.all_logits, static)
+            exact, heads = model_exact_sets(windows, artifact.exact_sets(), artifact.n), iter(nectar_contexts(pairs))
+            cache = context_cache(model, context_ids, device, exact=exact)
+            kept = sum(k.numel() + v.numel() for k, v in zip(cache.keys, cache.values))   # before any padding
+            cache, dead = aligned(cache.keys, cache.values) if any(windows) else (cache, None)
+            step = StepModule(model, [None if w else next(heads) for w in windows], config.all_logits, static, dead)
     stage("torch.onnx.export")
     if config.ops == "ort":
         from nectar_graphs.fused import build_fused_step
@@ -202,7 +211,10 @@ def trace_step(config: ExportConfig, manifest: ArtifactManifest, stage: Stages) 
         graph = export_step(step.eval())
     # what the bundle records about the torch model, then let it go: the graph's weights are then the only
     # references to the float32 parameters, so each is freed as the passes replace it (docs/RESULTS.md, section 3)
-    traced = Traced(graph=graph, cache=cache, params=nectar_params(step, pairs, None if config.baseline else cache),
+    params = nectar_params(step, pairs, None if config.baseline else cache)
+    if not config.baseline and not config.base:
+        params["fitted"] += kept - sum(k.numel() + v.numel() for k, v in zip(cache.keys, cache.values))  # no padding
+    traced = Traced(graph=graph, cache=cache, params=params,
                     base_params=sum(p.numel() for p in model.parameters()), vocab_size=int(model.config.vocab_size),
                     fingerprint=loaded.fingerprint, tokenizer=loaded.tokenizer)
     del step, model, loaded, artifact
@@ -314,8 +326,18 @@ def _context_kv(cache: Any, dtype: str, head_size: int) -> dict[str, Any]:
     return {name: lower_array(a, np_dtype) for name, a in zip(past_names(len(cache.keys)), arrays)}
 
 
+def model_exact_sets(windows: Sequence[int | None], head_sets: Sequence[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """Per model layer, the context tokens whose KV the bundle ships: a head layer's exact tokens (the artifact's
+    sets, in head-layer order), a sliding layer's last `window` tokens."""
+    given = iter(head_sets)
+    return [torch.arange(max(0, n - w), n) if w else next(given) for w in windows]
+
+
 def _check_sliding_window(config: Any, positions: int) -> None:
-    """The step graph attends to every token; refuse a model whose sliding window would cut the context."""
+    """The step graph attends to every token in a layer without a window of its own (Gemma 3's layer_types give
+    each layer one, which the graph handles); refuse a model whose one sliding window would cut the context."""
+    if any(layer_windows(config)):
+        return
     window = getattr(config, "sliding_window", None)
     if window and (getattr(config, "use_sliding_window", True) is not False) and window < positions:
         raise NectarError(f"the model attends within a sliding window of {window} tokens, shorter than the "

@@ -175,13 +175,13 @@ def record(config: FitConfig, base: Loaded, clock: Stopwatch) -> Recorded:
     scaling = float(model.model.layers[0].self_attn.scaling)
     queries = {split: clock.run("collect", lambda: collect(model, cache, samples.splits[split], desc=f"{split} queries"))
                for split in ("train", "val")}
-    mass = clock.run("attention_mass", lambda: attention_mass(queries["train"], cache, scaling))
+    mass = clock.run("attention_mass", lambda: attention_mass(queries["train"], cache.heads(), scaling))
     return Recorded(base, cache, samples, queries, mass, scaling)
 
 
 def layer_sets(recorded: Recorded, config: FitConfig, clock: Stopwatch) -> LayerSets:
     """The budget's exact tokens, the exact targets of the recorded queries, and each layer's difficulty."""
-    n, dim, cache = recorded.context.n, recorded.shape["head_dim"], recorded.cache
+    n, dim, cache = recorded.context.n, recorded.shape["head_dim"], recorded.cache.heads()
     mass, scaling = recorded.mass, recorded.scaling
     exact = exact_sets(n, config.sinks, config.window_tokens(n, dim), config.salient_tokens(n, dim), mass, len(mass),
                        cache.keys[0].device)
@@ -205,6 +205,7 @@ def fit_variants(config: FitConfig, sets: LayerSets, budget: int, shape: dict[st
     """Fit the 'nectar' heads and, with ablations on, the quadrature and uniform-allocation baselines, in that
     order (`only`: just these of them)."""
     settings = TrainSettings(config.epochs, config.batch_size, config.lr, config.patience, config.seed)
+    cache = cache.heads()                           # a hybrid model's global layers: the only ones with heads
     heads: dict[str, list[Pair]] = {}
     reports: dict[str, Any] = {}
     exact = sets.exact
@@ -232,16 +233,22 @@ def write(out: Path, overwrite: bool, config: FitConfig, recorded: Recorded, set
     """Build the manifest (`extra`: more entries for its fit metrics) and save the artifact atomically; returns
     the fit metrics."""
     context, shape, model = recorded.context, recorded.shape, recorded.model
-    kv_entries = 2 * context.n * shape["head_dim"] * shape["kv_heads"] * shape["layers"]
+    cache = recorded.cache
+    # the KV entries the heads stand in for: every layer's, or a hybrid model's global layers' (its sliding layers
+    # keep their window whatever the method)
+    kv_entries = 2 * context.n * shape["head_dim"] * shape["kv_heads"] * len(cache.head_layers)
     metrics = {"nectar_params": reports["nectar"]["params"], "kv_entries": kv_entries,
                "params_over_kv": round(reports["nectar"]["params"] / kv_entries, 5),
                "layer_difficulty": [round(d, 5) for d in sets.difficulty], "variants": reports,
                "seconds": clock.seconds, "device": recorded.base.device,
                "fit_seconds": round(sum(v for k, v in clock.seconds.items() if not k.startswith("fit_")), 1),
                "samples": recorded.samples.counts(), **(extra or {})}
+    hybrid = cache.windows is not None
     model_record = ModelRecord(source=config.model, fingerprint=recorded.base.loaded.fingerprint,
                                model_type=model.config.model_type, **shape, scaling=sets.scaling,
-                               max_positions=recorded.base.max_positions)
+                               max_positions=recorded.base.max_positions,
+                               head_layers=tuple(cache.head_layers) if hybrid else None,
+                               sliding_window=int(model.config.sliding_window) if hybrid else None)
     context_record = ContextRecord(source=context.source, sha256=context.sha256, n=context.n, sinks=config.sinks,
                                    window=config.window_tokens(context.n, shape["head_dim"]),
                                    salient=config.salient_tokens(context.n, shape["head_dim"]),

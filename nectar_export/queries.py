@@ -59,8 +59,8 @@ class RecordingContext(ContextAttention):
         self.valid: torch.Tensor | None = None       # [B, T] bool, set before each batch
         self.parts: list[tuple[torch.Tensor, ...]] = []
 
-    def attend(self, q: torch.Tensor, scaling: float, new_lse: torch.Tensor,
-               new_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, q: torch.Tensor, scaling: float, new_lse: torch.Tensor, new_out: torch.Tensor,
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         keep = self.valid
 
         def pick(x: torch.Tensor) -> torch.Tensor:                          # [B, Hkv, G, T, ...] -> [Hkv, N, ...]
@@ -77,12 +77,16 @@ class RecordingContext(ContextAttention):
 @torch.inference_mode()
 def collect(model: Any, cache: ContextCache, samples: Sequence[Sample], batch_size: int = 16,
             desc: str = "queries") -> list[Queries]:
-    """Teacher-force every sample after the context (full attention) and return each layer's queries."""
+    """Teacher-force every sample after the context (full attention) and return the queries of each layer that
+    gets heads (every layer, or a hybrid model's global ones: cache.head_layers)."""
     from transformers import DynamicCache
 
-    recorders = [RecordingContext(full) for full in cache.exact()]
+    contexts = cache.exact()
+    recorders = [RecordingContext(contexts[layer]) for layer in cache.head_layers]
+    for layer, recorder in zip(cache.head_layers, recorders):
+        contexts[layer] = recorder
     order = sorted(samples, key=lambda s: len(s.ids))
-    with nectar_mode(model, recorders):
+    with nectar_mode(model, contexts):
         for i in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
             batch = order[i:i + batch_size]
             ids, valid, positions = right_padded(batch, cache.n)

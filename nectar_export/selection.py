@@ -58,14 +58,16 @@ def top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
 @torch.inference_mode()
 def snapkv_scores(model: Any, cache: ContextCache, context_ids: Sequence[int], window: int = SNAPKV_WINDOW,
                   pool: int = SNAPKV_POOL) -> list[torch.Tensor]:
-    """Per layer [Hkv, n]: SnapKV's vote of the last `window` context tokens, the window itself scored +inf."""
+    """Per layer with heads (cache.head_layers) [Hkv, n]: SnapKV's vote of the last `window` context tokens, the
+    window itself scored +inf."""
     n = cache.n
     window = max(1, min(window, n - 1))
-    head = ContextCache(keys=[k[:, :n - window] for k in cache.keys], values=[v[:, :n - window] for v in cache.values])
+    head = ContextCache(keys=[k[:, :n - window] for k in cache.keys], values=[v[:, :n - window] for v in cache.values],
+                        windows=cache.windows)
     observed = collect(model, head, [Sample("snapkv", tuple(context_ids[n - window:]))], desc="snapkv window")
     scaling = float(model.model.layers[0].self_attn.scaling)
     out = []
-    for layer, qs in enumerate(observed):
+    for layer, qs in zip(cache.head_layers, observed):
         keys = cache.keys[layer][:, :n - window]
         votes = attention_mass([qs], ContextCache([keys], [cache.values[layer][:, :n - window]]), scaling)[0]
         if pool > 1:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from nectar_export.artifact import load_artifact
-from nectar_export.attention import forward, nectar_mode
+from nectar_export.attention import context_cache_for, forward, nectar_mode
 from nectar_export.errors import NectarError, NectarInternalError
 from nectar_export.models import load_model
 from nectar_export.prefill import ContextCache, prefill
@@ -28,9 +28,7 @@ TOP_MISMATCHES = 20
 
 def _reference_cache(model: Any, cache: ContextCache | None) -> Any:
     """A fresh transformers cache: empty (Nectar) or holding the context's KV (full attention)."""
-    from transformers import DynamicCache
-
-    fresh = DynamicCache(config=model.config)
+    fresh = context_cache_for(model)           # every token kept, also a sliding layer's (KV compared below)
     if cache is not None:
         for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
             fresh.update(k.unsqueeze(0).clone(), v.unsqueeze(0).clone(), i)

