@@ -429,12 +429,10 @@ class Job:
         return self.args.engines.split(",")
 
     def bundles(self, n: int) -> dict[str, Path]:
-        """The bundle folder of each ort-cuda engine at n (full attention only at the full n); the fused ones only
-        when --engines names them."""
+        """The bundle folder of each ort-cuda engine that --engines names, at n (full attention only at the full n)."""
         out = {}
         for engine, (kind, ops) in BUNDLE_ENGINES.items():
-            if (kind.startswith("full") and n not in self.full_ns) or (engine in OPTIONAL_ENGINES and
-                                                                          engine not in self.engines):
+            if (kind.startswith("full") and n not in self.full_ns) or engine not in self.engines:
                 continue
             out[engine] = self.args.work / f"{self.args.shape}-{kind}-{n}"
         return out
@@ -475,6 +473,8 @@ def plan_disk(job: Job) -> None:
     plan = disk_plan(a.shape, job.overrides, job.ns if "export" in job.stages else [], job.full_ns, a.precision,
                      a.head_params, a.tokenizer, a.work, job.checkpoint if "checkpoint" in job.stages else None,
                      fused, a.reserve)
+    wanted = {job.checkpoint.name} | {out.name for n in job.ns for out in job.bundles(n).values()}
+    plan = {name: size for name, size in plan.items() if name in wanted}      # the bundles --engines asks for
     job.state.disk_plan = plan
     check_disk(plan, shutil.disk_usage(a.work).free, a.work)
 
