@@ -308,9 +308,10 @@ def nectar_params(step: Any, pairs: Any = None, exact: Any = None) -> dict[str, 
     return {"fitted": fitted + kv, "in_graph": in_graph}
 
 
-def _context_kv(cache: Any, dtype: str, head_size: int) -> dict[str, Any]:
+def _context_kv(cache: Any, dtype: str, head_size: int | None = None) -> dict[str, Any]:
     """The context's (or the exact tokens') keys and values as [1, Hkv, tokens, head_size] arrays named after the past
-    inputs; a head size above the model's is the fused Nectar layout (graphs/fused.py: pad_context_kv)."""
+    inputs; a head size above the model's is the fused Nectar layout (graphs/fused.py: pad_context_kv), None the
+    model's own (packs: their bases are portable graphs)."""
     from nectar_graphs.fused import pad_context_kv
     from nectar_graphs.passes import lower_array
     from nectar_runtime.backends.ort import kv_numpy_dtype
@@ -320,7 +321,7 @@ def _context_kv(cache: Any, dtype: str, head_size: int) -> dict[str, Any]:
     arrays = []
     for k, v in zip(cache.keys, cache.values):
         k, v = k.unsqueeze(0).float().numpy(), v.unsqueeze(0).float().numpy()
-        if head_size != k.shape[-1]:
+        if head_size is not None and head_size != k.shape[-1]:
             k, v = pad_context_kv(k, v, head_size)
         arrays += [k, v]                                                           # past input order
     return {name: lower_array(a, np_dtype) for name, a in zip(past_names(len(cache.keys)), arrays)}
