@@ -223,6 +223,41 @@ class HostBoundBackend(OrtCudaBackend):
 
 
 # a prompt of token ids for a backend's step
+def run_dynamic_graph(session, first_ids: torch.Tensor, steps: list[int], start: int,
+                      past: list[np.ndarray]) -> list[np.ndarray]:
+    """Logits of a step graph (dynamic layout) over a prefill of first_ids then one step per token in steps,
+    feeding the presents back as the next past."""
+    names = [i.name for i in session.get_inputs()]
+    ids, length, position, logits = first_ids, past[0].shape[2], start, []
+    for token in [None, *steps]:
+        if token is not None:
+            ids = torch.tensor([[token]])
+        T = ids.shape[1]
+        feeds = [ids.numpy(), np.arange(position, position + T).reshape(1, T), np.ones((1, length + T), np.int64), *past]
+        out = session.run(None, dict(zip(names, feeds)))
+        logits.append(out[0][:, -1])
+        past, length, position = out[1:], length + T, position + T
+    return logits
+
+
+def run_static_graph(session, first_ids: torch.Tensor, steps: list[int], start: int, buffers: list[np.ndarray],
+                     first_slot: int) -> list[np.ndarray]:
+    """Logits of a static-layout step graph over a prefill then one step per token, each step writing slots
+    first_slot + 0, 1, ..., and every present the whole buffer, fed back as the next past."""
+    names = [i.name for i in session.get_inputs()]
+    ids, slot, position, logits = first_ids, first_slot, start, []
+    for token in [None, *steps]:
+        if token is not None:
+            ids = torch.tensor([[token]])
+        T = ids.shape[1]
+        feeds = [ids.numpy(), np.arange(position, position + T).reshape(1, T), np.arange(slot, slot + T), *buffers]
+        out = session.run(None, dict(zip(names, feeds)))
+        assert all(o.shape == b.shape for o, b in zip(out[1:], buffers)), "a present is not the whole buffer"
+        logits.append(out[0][:, -1])
+        buffers, slot, position = out[1:], slot + T, position + T
+    return logits
+
+
 STEP_PROMPT = np.array([[1, 17, 300, 4000, 9]], dtype=np.int64)
 
 

@@ -17,23 +17,8 @@ from nectar_export.heads import HeadsContext
 from nectar_graphs.trace import export_step
 from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, run_pipeline
 from nectar_graphs.step import StepModule, nectar_contexts
-from tests.helpers import (N, PROMPT, STEPS, TOL, ort_session, random_heads, tiny_model,
+from tests.helpers import (N, PROMPT, STEPS, TOL, ort_session, random_heads, run_dynamic_graph, tiny_model,
                            torch_decode)
-
-
-def _run_graph(session, first_ids: torch.Tensor, steps: list[int], start: int, past: list[np.ndarray]) -> list[np.ndarray]:
-    """Logits of a prefill of first_ids then one step per token in steps, feeding presents back."""
-    names = [i.name for i in session.get_inputs()]
-    ids, length, position, logits = first_ids, past[0].shape[2], start, []
-    for token in [None, *steps]:
-        if token is not None:
-            ids = torch.tensor([[token]])
-        T = ids.shape[1]
-        feeds = [ids.numpy(), np.arange(position, position + T).reshape(1, T), np.ones((1, length + T), np.int64), *past]
-        out = session.run(None, dict(zip(names, feeds)))
-        logits.append(out[0][:, -1])
-        past, length, position = out[1:], length + T, position + T
-    return logits
 
 
 @pytest.mark.parametrize("plain_arch, variant", [("llama", "llama-rope-llama3"), ("qwen2", "qwen2-rope-yarn")])
@@ -68,7 +53,7 @@ def test_nectar_graph_matches_torch_nectar_model(exported):
     with nectar_mode(model, contexts):
         ref, tokens = torch_decode(model, prompt, N, DynamicCache(config=model.config))
     exact = [t.unsqueeze(0).numpy() for k, v in zip(keys, values) for t in (k, v)]     # [1, Hkv, E, D] each
-    got = _run_graph(session, prompt, tokens, N, exact)
+    got = run_dynamic_graph(session, prompt, tokens, N, exact)
     gaps = [float(np.abs(a - b).max()) for a, b in zip(got, ref)]
     assert len(gaps) == STEPS + 1
     assert max(gaps) < TOL, f"{arch}: logit gaps per step {gaps}"
@@ -89,7 +74,7 @@ def test_baseline_graph_matches_transformers_full_attention(exported):
         model(input_ids=context, use_cache=True, **{cache_keyword(model): cache})   # stock attention
     past = [t.numpy().copy() for layer in cache.layers for t in (layer.keys, layer.values)]
     ref, tokens = torch_decode(model, prompt, N, cache)
-    got = _run_graph(session, prompt, tokens, N, past)
+    got = run_dynamic_graph(session, prompt, tokens, N, past)
     gaps = [float(np.abs(a - b).max()) for a, b in zip(got, ref)]
     assert max(gaps) < TOL, f"{arch}: logit gaps per step {gaps}"
 

@@ -21,42 +21,18 @@ from nectar_export.prefill import ContextCache, aligned, prefill, sink_window_in
 from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, run_pipeline
 from nectar_graphs.step import StepModule, nectar_contexts
 from nectar_graphs.trace import export_step
-from tests.helpers import GEMMA_WINDOW, STEPS, TOL, ort_session, random_heads, tiny_model, torch_decode
+from tests.helpers import (GEMMA_WINDOW, STEPS, TOL, ort_session, random_heads, run_dynamic_graph, run_static_graph,
+                           tiny_model, torch_decode)
 
 N, PROMPT, SINKS, RECENT = 3 * GEMMA_WINDOW, GEMMA_WINDOW + 4, 2, 3
-
-
-def _run_graph(session, first_ids: torch.Tensor, steps: list[int], start: int, past: list[np.ndarray]) -> list[np.ndarray]:
-    """Logits of a prefill of first_ids then one step per token in steps, feeding presents back."""
-    names = [i.name for i in session.get_inputs()]
-    ids, length, position, logits = first_ids, past[0].shape[2], start, []
-    for token in [None, *steps]:
-        if token is not None:
-            ids = torch.tensor([[token]])
-        T = ids.shape[1]
-        feeds = [ids.numpy(), np.arange(position, position + T).reshape(1, T), np.ones((1, length + T), np.int64), *past]
-        out = session.run(None, dict(zip(names, feeds)))
-        logits.append(out[0][:, -1])
-        past, length, position = out[1:], length + T, position + T
-    return logits
 
 
 def _run_static(session, first_ids: torch.Tensor, steps: list[int], start: int, past: list[np.ndarray]) -> list[np.ndarray]:
     """The same run on a static-layout graph: buffers of C + new-token slots (zeros after the cached ones), the new
     tokens scattered into slots C, C + 1, ..., the presents fed back whole."""
-    names = [i.name for i in session.get_inputs()]
     C, extra = past[0].shape[2], first_ids.shape[1] + len(steps) + 3
     past = [np.concatenate([t, np.zeros((*t.shape[:2], extra, t.shape[3]), t.dtype)], axis=2) for t in past]
-    ids, slot, position, logits = first_ids, C, start, []
-    for token in [None, *steps]:
-        if token is not None:
-            ids = torch.tensor([[token]])
-        T = ids.shape[1]
-        feeds = [ids.numpy(), np.arange(position, position + T).reshape(1, T), np.arange(slot, slot + T), *past]
-        out = session.run(None, dict(zip(names, feeds)))
-        logits.append(out[0][:, -1])
-        past, slot, position = out[1:], slot + T, position + T
-    return logits
+    return run_static_graph(session, first_ids, steps, start, past, C)
 
 
 def _session(step: StepModule, path):
@@ -99,14 +75,14 @@ def test_nectar_graph_matches_torch_nectar_model(gemma, tmp_path):
     padded, dead = aligned(keys, values)
     assert dead == [0, C - SINKS - RECENT, 0, 0]
     past = [t.unsqueeze(0).numpy() for k, v in zip(padded.keys, padded.values) for t in (k, v)]
-    for static, run in ((False, _run_graph), (True, _run_static)):
+    for static, run in ((False, run_dynamic_graph), (True, _run_static)):
         session = _session(StepModule(model, graph_contexts, static=static, dead=dead), tmp_path / f"nectar-{static}.onnx")
         gaps = [float(np.abs(a - b).max()) for a, b in zip(run(session, prompt, tokens, N, past), ref)]
         assert len(gaps) == STEPS + 1
         assert max(gaps) < TOL, f"static={static}: logit gaps per step {gaps}"
     # the dead slots matter: a graph that attends to them (dead = 0) gives other logits
     careless = _session(StepModule(model, graph_contexts), tmp_path / "careless.onnx")
-    assert float(np.abs(_run_graph(careless, prompt, tokens, N, past)[0] - ref[0]).max()) > 1e-3
+    assert float(np.abs(run_dynamic_graph(careless, prompt, tokens, N, past)[0] - ref[0]).max()) > 1e-3
 
 
 def test_baseline_graph_matches_transformers_full_attention(gemma, tmp_path):
@@ -119,7 +95,7 @@ def test_baseline_graph_matches_transformers_full_attention(gemma, tmp_path):
     ref, tokens = torch_decode(model, prompt, N, stock)
     past = [t.unsqueeze(0).numpy() for k, v in zip(cache.keys, cache.values) for t in (k, v)]   # all N tokens
     session = _session(StepModule(model), tmp_path / "full.onnx")
-    got = _run_graph(session, prompt, tokens, N, past)
+    got = run_dynamic_graph(session, prompt, tokens, N, past)
     gaps = [float(np.abs(a - b).max()) for a, b in zip(got, ref)]
     assert max(gaps) < TOL, f"logit gaps per step {gaps}"
     spread = max(float(np.abs(r).max()) for r in ref)

@@ -19,26 +19,9 @@ import torch
 from nectar_export.attention import ExactContext, cache_keyword, nectar_mode
 from nectar_export.heads import HeadsContext
 from nectar_graphs.passes import cleanup, convert_precision, fold_constants, fuse_sibling_matmuls, op_counts, run_pipeline
-from tests.helpers import N, PROMPT, STEPS, TOL, ort_session, torch_decode
+from tests.helpers import N, PROMPT, STEPS, TOL, ort_session, run_static_graph, torch_decode
 
 SPARE = 3          # buffer slots never filled
-
-
-def _run_static(session, first_ids: torch.Tensor, steps: list[int], start: int, buffers: list[np.ndarray],
-                first_slot: int) -> list[np.ndarray]:
-    """Logits of a prefill then one step per token, each step writing slots first_slot + 0, 1, ..."""
-    names = [i.name for i in session.get_inputs()]
-    ids, slot, position, logits = first_ids, first_slot, start, []
-    for token in [None, *steps]:
-        if token is not None:
-            ids = torch.tensor([[token]])
-        T = ids.shape[1]
-        feeds = [ids.numpy(), np.arange(position, position + T).reshape(1, T), np.arange(slot, slot + T), *buffers]
-        out = session.run(None, dict(zip(names, feeds)))
-        assert all(o.shape == b.shape for o, b in zip(out[1:], buffers)), "a present is not the whole buffer"
-        logits.append(out[0][:, -1])
-        buffers, slot, position = out[1:], slot + T, position + T
-    return logits
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +51,7 @@ def test_static_nectar_graph_matches_torch_nectar_model(static):
                for _ in range(2 * cfg.num_hidden_layers)]
     for buffer, kv in zip(buffers, [t for k, v in zip(keys, values) for t in (k, v)]):
         buffer[0, :, :exact] = kv.numpy()   # the exact tokens hold the first slots, as a runtime loads them
-    got = _run_static(graphs["nectar"][0], prompt, tokens, N, buffers, exact)
+    got = run_static_graph(graphs["nectar"][0], prompt, tokens, N, buffers, exact)
     gaps = [float(np.abs(a - b).max()) for a, b in zip(got, ref)]
     assert len(gaps) == STEPS + 1
     assert max(gaps) < TOL, f"{arch}: logit gaps per step {gaps}"
@@ -91,7 +74,7 @@ def test_static_baseline_graph_matches_transformers_full_attention(static):
             buf[:, :, :N] = t.numpy()
             buffers.append(buf)
     ref, tokens = torch_decode(model, prompt, N, cache)
-    got = _run_static(graphs["full"][0], prompt, tokens, N, buffers, N)
+    got = run_static_graph(graphs["full"][0], prompt, tokens, N, buffers, N)
     gaps = [float(np.abs(a - b).max()) for a, b in zip(got, ref)]
     assert max(gaps) < TOL, f"{arch}: logit gaps per step {gaps}"
 
