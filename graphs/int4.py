@@ -143,9 +143,9 @@ class _Nodes:
         self.nodes: list[ir.Node] = []
 
     def constant(self, suffix: str, tensor: ir.TensorProtocol) -> ir.Value:
-        name = f"{self.name}{suffix}"
-        if name in self.graph.initializers:               # blocks(k): one per K
-            return self.graph.initializers[name]
+        return self._initializer(f"{self.name}{suffix}", tensor)
+
+    def _initializer(self, name: str, tensor: ir.TensorProtocol) -> ir.Value:
         value = ir.Value(name=name, const_value=tensor)
         value.shape, value.type = value.const_value.shape, ir.TensorType(value.const_value.dtype)
         self.graph.register_initializer(value)
@@ -182,13 +182,10 @@ class _Nodes:
     def blocks(self, k: int) -> ir.Value:
         """[K, K / block] of ones where row k's block is the column: x times it sums x over each block."""
         block = self.config.block_size
+        if f"int4.blocks.{k}" in self.graph.initializers:       # one per K, shared by its products
+            return self.graph.initializers[f"int4.blocks.{k}"]
         ones = (np.arange(k)[:, None] // block == np.arange(k // block)[None]).astype(np.float16)
-        value = ir.Value(name=f"int4.blocks.{k}", const_value=ir.tensor(ones))
-        if value.name in self.graph.initializers:
-            return self.graph.initializers[value.name]
-        value.shape, value.type = value.const_value.shape, ir.TensorType(value.const_value.dtype)
-        self.graph.register_initializer(value)
-        return value
+        return self._initializer(f"int4.blocks.{k}", ir.tensor(ones))
 
 
 @dataclass(frozen=True)
